@@ -1,0 +1,328 @@
+"""The RabbitMQ broker, on aio-pika.
+
+Topology (declared idempotently by whoever needs it):
+
+- ``microshop.events``: durable topic exchange; the routing key is the message type.
+- ``<service>``: durable quorum queue bound to what the service consumes. Its own
+  dead-letter target is ``microshop.dlx`` so a message that crashes consumers past the
+  delivery limit lands in the DLQ too.
+- ``<service>.retry.<ms>``: one quorum queue per retry delay; its TTL dead-letters the
+  message back into ``<service>`` through the default exchange, so a retry reaches only
+  the service that failed, never the other subscribers.
+- ``microshop.dlx`` (direct) -> ``<service>.dlq`` with the reason in the headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
+from pamqp.commands import Basic
+
+from bus.broker import (
+    DEAD_LETTER_EXCHANGE,
+    EXCHANGE,
+    BrokerUnavailable,
+    Consumer,
+    DeadLetter,
+    Handler,
+    Unroutable,
+    dead_letter_from,
+    process,
+    publish_span,
+)
+from bus.envelope import CONTENT_TYPE, Envelope, MessageRegistry
+from bus.observability import MESSAGES_PUBLISHED, inject_trace
+
+log = structlog.get_logger("bus.amqp")
+
+_QUORUM = {
+    "x-queue-type": "quorum",
+    # at-least-once dead-lettering: the broker keeps the message until the DLQ confirms it
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+
+
+class AmqpBroker:
+    """The :class:`~bus.broker.Broker` interface on RabbitMQ.
+
+    Publishes are persistent, ``mandatory`` and confirmed; consumers ack only after their
+    handler returns, and come back with their queues and bindings after a reconnect.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str = "microshop",
+        prefetch: int = 64,
+        retry_delays_ms: Sequence[int] = (200, 1000, 5000),
+        delivery_limit: int = 20,
+        confirm_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.name = name
+        self.prefetch = prefetch
+        self.retry_delays_ms = tuple(retry_delays_ms)
+        self.delivery_limit = delivery_limit
+        self.confirm_timeout = confirm_timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._consumers: list[_AmqpConsumer] = []
+
+    @property
+    def is_connected(self) -> bool:
+        """True while the connection is up (false during a reconnect)."""
+        connection = self._connection
+        return connection is not None and connection.connected.is_set()
+
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        """The robust connection (after :meth:`connect`)."""
+        if self._connection is None:
+            raise BrokerUnavailable("the broker is not connected; call connect() first")
+        return self._connection
+
+    async def connect(self) -> None:
+        """Connect (reconnecting by itself from then on) and declare the exchanges."""
+        try:
+            self._connection = await aio_pika.connect_robust(
+                self.url, client_properties={"connection_name": self.name}
+            )
+        except (OSError, aiormq.exceptions.AMQPError) as error:
+            raise BrokerUnavailable(f"cannot reach RabbitMQ: {error}") from error
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
+        self._exchange = await self._channel.declare_exchange(
+            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        await self._channel.declare_exchange(
+            DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+        )
+
+    async def close(self) -> None:
+        """Stop every consumer (letting in-flight handlers finish) and disconnect."""
+        for consumer in list(self._consumers):
+            await consumer.stop()
+        if self._connection is not None:
+            await self._connection.close()
+        self._connection = self._channel = self._exchange = None
+
+    async def publish(self, envelope: Envelope) -> None:
+        """Publish persistently with ``mandatory`` and wait for the confirm."""
+        with publish_span(envelope):
+            message = aio_pika.Message(
+                envelope.to_json(),
+                content_type=CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=envelope.id,
+                type=envelope.type,
+                correlation_id=envelope.correlationid,
+                timestamp=envelope.time,
+                app_id=envelope.source,
+                headers=inject_trace({}),
+            )
+            await self._publish(self._events(), message, envelope.type)
+        MESSAGES_PUBLISHED.labels(envelope.source, envelope.type).inc()
+
+    async def publish_many(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
+        """Publish all at once so their confirms overlap; one result per envelope."""
+        results = await asyncio.gather(
+            *(self.publish(envelope) for envelope in envelopes), return_exceptions=True
+        )
+        for result in results:
+            if isinstance(result, asyncio.CancelledError):
+                raise result
+        return [result if isinstance(result, BaseException) else None for result in results]
+
+    async def _publish(self, exchange: AbstractExchange, message: Any, routing_key: str) -> None:
+        try:
+            await exchange.publish(
+                message, routing_key=routing_key, mandatory=True, timeout=self.confirm_timeout
+            )
+        except aiormq.exceptions.DeliveryError as error:
+            if isinstance(error.frame, Basic.Return):
+                raise Unroutable(f"no queue is bound to routing key {routing_key!r}") from None
+            raise BrokerUnavailable(f"the broker refused {routing_key!r} (nack)") from None
+        except (TimeoutError, OSError, aiormq.exceptions.AMQPError, RuntimeError) as error:
+            raise BrokerUnavailable(f"publish of {routing_key!r} not confirmed: {error}") from error
+
+    def _events(self) -> AbstractExchange:
+        if self._exchange is None:
+            raise BrokerUnavailable("the broker is not connected; call connect() first")
+        return self._exchange
+
+    def _publish_channel(self) -> AbstractRobustChannel:
+        if self._channel is None:
+            raise BrokerUnavailable("the broker is not connected; call connect() first")
+        return self._channel
+
+    async def declare(self, queue: str, patterns: Sequence[str]) -> None:
+        """Declare ``queue`` with its retry queues and DLQ, bound to ``patterns``."""
+        await self._declare(self._publish_channel(), queue, patterns)
+
+    async def _declare(
+        self, channel: AbstractRobustChannel, queue: str, patterns: Sequence[str]
+    ) -> AbstractQueue:
+        dlq = await channel.declare_queue(f"{queue}.dlq", durable=True, arguments=_QUORUM)
+        await dlq.bind(DEAD_LETTER_EXCHANGE, routing_key=queue)
+        for delay in sorted(set(self.retry_delays_ms)):
+            await channel.declare_queue(
+                retry_queue(queue, delay),
+                durable=True,
+                arguments={
+                    **_QUORUM,
+                    "x-message-ttl": delay,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue,
+                },
+            )
+        main = await channel.declare_queue(
+            queue,
+            durable=True,
+            arguments={
+                **_QUORUM,
+                "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+                "x-dead-letter-routing-key": queue,
+                "x-delivery-limit": self.delivery_limit,
+            },
+        )
+        for pattern in patterns:
+            await main.bind(EXCHANGE, routing_key=pattern)
+        return main
+
+    async def consume(
+        self, queue: str, patterns: Sequence[str], handler: Handler, registry: MessageRegistry
+    ) -> Consumer:
+        """Consume ``queue`` on a channel of its own with ``prefetch`` messages in flight."""
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=self.prefetch)
+        declared = await self._declare(channel, queue, patterns)
+        consumer = _AmqpConsumer(self, channel, declared, handler, registry)
+        await consumer.start()
+        self._consumers.append(consumer)
+        return consumer
+
+    async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
+        """Read up to ``limit`` dead letters and leave them in place.
+
+        Messages are fetched unacked on a throwaway channel; closing it returns them all.
+        """
+        channel = await self.connection.channel()
+        letters: list[DeadLetter] = []
+        try:
+            dlq = await channel.get_queue(f"{queue}.dlq", ensure=True)
+            while len(letters) < limit:
+                message = await dlq.get(no_ack=False, fail=False)
+                if message is None:
+                    break
+                letters.append(
+                    dead_letter_from(queue, message.body, message.headers, message.message_id)
+                )
+        finally:
+            await channel.close()
+        return letters
+
+    async def send_to_queue(
+        self, queue: str, message: AbstractIncomingMessage, headers: dict[str, Any]
+    ) -> None:
+        """Copy a delivery straight to ``queue`` (default exchange) with extra headers."""
+        copy = aio_pika.Message(
+            message.body,
+            headers={**(message.headers or {}), **headers},
+            content_type=message.content_type,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=message.message_id,
+            type=message.type,
+            correlation_id=message.correlation_id,
+            timestamp=message.timestamp or datetime.now(UTC),
+            app_id=message.app_id,
+        )
+        await self._publish(self._publish_channel().default_exchange, copy, queue)
+
+
+def retry_queue(queue: str, delay_ms: int) -> str:
+    """The name of ``queue``'s retry queue for one delay."""
+    return f"{queue}.retry.{delay_ms}ms"
+
+
+class _AmqpConsumer:
+    def __init__(
+        self,
+        broker: AmqpBroker,
+        channel: AbstractRobustChannel,
+        queue: AbstractQueue,
+        handler: Handler,
+        registry: MessageRegistry,
+    ) -> None:
+        self._broker = broker
+        self._channel = channel
+        self._queue = queue
+        self._handler = handler
+        self._registry = registry
+        self._tag: str | None = None
+        self._inflight: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        self._tag = await self._queue.consume(self._on_message)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._inflight.add(task)
+        try:
+            await self._settle(message)
+        finally:
+            if task is not None:
+                self._inflight.discard(task)
+
+    async def _settle(self, message: AbstractIncomingMessage) -> None:
+        queue = self._queue.name
+        outcome = await process(
+            message.body,
+            message.headers or {},
+            queue=queue,
+            routing_key=message.routing_key or "",
+            handler=self._handler,
+            registry=self._registry,
+            retry_delays_ms=self._broker.retry_delays_ms,
+        )
+        try:
+            if outcome.action == "retry":
+                target = retry_queue(queue, outcome.delay_ms)
+                await self._broker.send_to_queue(target, message, headers=outcome.headers)
+            elif outcome.action == "dead_letter":
+                await self._broker.send_to_queue(f"{queue}.dlq", message, headers=outcome.headers)
+            await message.ack()
+        except (BrokerUnavailable, Unroutable, aiormq.exceptions.AMQPError, RuntimeError) as error:
+            # not acked: the broker redelivers it; the inbox makes the second run a no-op
+            log.warning("could not settle message; it will be redelivered", error=str(error))
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Cancel the subscription, then wait up to ``grace`` s for in-flight handlers."""
+        if self._tag is not None and not self._channel.is_closed:
+            with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+                await self._queue.cancel(self._tag)
+        self._tag = None
+        if self._inflight:
+            await asyncio.wait(set(self._inflight), timeout=grace)
+        with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
+            await self._channel.close()
+        if self in self._broker._consumers:
+            self._broker._consumers.remove(self)

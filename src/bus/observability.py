@@ -1,0 +1,123 @@
+"""Logs, metrics and traces, wired the same way in every service.
+
+- structlog JSON lines carrying service, correlation id, trace id and span id;
+- prometheus-client metrics (one default registry, labelled by service or queue);
+- OpenTelemetry tracing, W3C trace context propagated through HTTP and AMQP headers,
+  exported over OTLP when ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import structlog
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from prometheus_client import Counter, Gauge, Histogram
+
+tracer = trace.get_tracer("microshop.bus")
+
+MESSAGES_PUBLISHED = Counter(
+    "microshop_messages_published_total", "Messages confirmed by the broker", ["source", "type"]
+)
+MESSAGES_CONSUMED = Counter(
+    "microshop_messages_consumed_total", "Messages handled and acked", ["queue", "type"]
+)
+MESSAGES_RETRIED = Counter(
+    "microshop_messages_retried_total", "Handler failures sent back for a retry", ["queue", "type"]
+)
+MESSAGES_DEAD_LETTERED = Counter(
+    "microshop_messages_dead_lettered_total",
+    "Messages sent to the dead-letter queue",
+    ["queue", "type", "cause"],
+)
+HANDLER_SECONDS = Histogram(
+    "microshop_handler_duration_seconds",
+    "Time spent in a message handler",
+    ["queue", "type"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+OUTBOX_BACKLOG = Gauge("microshop_outbox_backlog", "Outbox rows not yet published", ["service"])
+OUTBOX_PUBLISHED = Counter(
+    "microshop_outbox_published_total", "Outbox rows published and confirmed", ["service"]
+)
+HTTP_REQUESTS = Counter(
+    "microshop_http_requests_total",
+    "HTTP requests served",
+    ["service", "method", "route", "status"],
+)
+HTTP_SECONDS = Histogram(
+    "microshop_http_request_duration_seconds",
+    "HTTP request latency",
+    ["service", "method", "route"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
+def _add_trace_ids(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        event["trace_id"] = format(span.trace_id, "032x")
+        event["span_id"] = format(span.span_id, "016x")
+    return event
+
+
+def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -> None:
+    """Send structlog events to stderr, one JSON object a line (or pretty for a console)."""
+    renderer: Any = structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _add_trace_ids,
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    structlog.contextvars.bind_contextvars(service=service)
+
+
+def configure_tracing(service: str, version: str = "0.1.0") -> None:
+    """Install a tracer provider once per process; export over OTLP when configured.
+
+    A provider installed before (by a test with an in-memory exporter, or by another
+    service sharing this process in the demo) is kept.
+    """
+    if isinstance(trace.get_tracer_provider(), TracerProvider):
+        return
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": service, "service.version": version})
+    )
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+
+
+def inject_trace(carrier: dict[str, Any]) -> dict[str, Any]:
+    """Write the current W3C trace context (``traceparent``, ``tracestate``) into ``carrier``."""
+    propagate.inject(carrier)
+    return carrier
+
+
+def extract_trace(carrier: Mapping[str, Any]) -> otel_context.Context:
+    """Read a W3C trace context from headers into an OpenTelemetry context."""
+    return propagate.extract({k: v for k, v in carrier.items() if isinstance(v, str)})
+
+
+def current_traceparent() -> tuple[str | None, str | None]:
+    """The current span's ``traceparent`` and ``tracestate``, for an envelope being written."""
+    carrier = inject_trace({})
+    return carrier.get("traceparent"), carrier.get("tracestate")

@@ -1,0 +1,69 @@
+"""Settings: every knob is an environment variable with the ``MICROSHOP_`` prefix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_PORTS = {"gateway": 3000, "user": 3010, "payment": 3011, "order": 3012, "inventory": 3013}
+
+
+class Settings(BaseSettings):
+    """What every service reads from its environment.
+
+    A service subclasses this to add its own knobs; tests build one directly with
+    keyword arguments, which win over the environment.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MICROSHOP_", extra="ignore", frozen=True)
+
+    service: str = "microshop"
+    version: str = "0.1.0"
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    advertise_url: str | None = None
+
+    broker_url: str = "memory://"
+    database_url: str | None = None
+    data_dir: Path = Path("var")
+
+    prefetch: int = Field(default=64, ge=1)
+    retry_delays_ms: tuple[int, ...] = (200, 1_000, 5_000)
+    delivery_limit: int = Field(default=20, ge=1)
+    outbox_batch_size: int = Field(default=200, ge=1)
+    outbox_poll_seconds: float = Field(default=1.0, gt=0)
+    outbox_max_attempts: int = Field(default=12, ge=1)
+    drain_seconds: float = Field(default=10.0, ge=0)
+    heartbeat_seconds: float = Field(default=5.0, gt=0)
+
+    log_level: str = "INFO"
+    log_json: bool = True
+
+    jwt_issuer: str = "microshop-user"
+    jwt_audience: str = "microshop"
+    jwks_url: str | None = None
+
+    @field_validator("retry_delays_ms", mode="before")
+    @classmethod
+    def _split_csv(cls, value: object) -> object:
+        # env vars arrive as "200,1000,5000"; a JSON list works too
+        if isinstance(value, str) and not value.lstrip().startswith("["):
+            return tuple(int(part) for part in value.split(",") if part.strip())
+        return value
+
+    @property
+    def listen_port(self) -> int:
+        """The port to serve on: the explicit one, else the service's default."""
+        return self.port or DEFAULT_PORTS.get(self.service, 0)
+
+    @property
+    def public_url(self) -> str:
+        """The URL other processes should use to reach this service."""
+        return self.advertise_url or f"http://127.0.0.1:{self.listen_port}"
+
+    @property
+    def db_url(self) -> str:
+        """The database URL: the configured one, else a SQLite file per service."""
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir}/{self.service}.db"
