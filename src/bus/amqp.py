@@ -73,6 +73,7 @@ class AmqpBroker:
         retry_delays_ms: Sequence[int] = (200, 1000, 5000),
         delivery_limit: int = 20,
         confirm_timeout: float = 10.0,
+        reconnect_interval: float = 1.0,
     ) -> None:
         self.url = url
         self.name = name
@@ -80,6 +81,7 @@ class AmqpBroker:
         self.retry_delays_ms = tuple(retry_delays_ms)
         self.delivery_limit = delivery_limit
         self.confirm_timeout = confirm_timeout
+        self.reconnect_interval = reconnect_interval
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -102,7 +104,9 @@ class AmqpBroker:
         """Connect (reconnecting by itself from then on) and declare the exchanges."""
         try:
             self._connection = await aio_pika.connect_robust(
-                self.url, client_properties={"connection_name": self.name}
+                self.url,
+                client_properties={"connection_name": self.name},
+                reconnect_interval=self.reconnect_interval,
             )
         except (OSError, aiormq.exceptions.AMQPError) as error:
             raise BrokerUnavailable(f"cannot reach RabbitMQ: {error}") from error

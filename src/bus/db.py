@@ -1,0 +1,124 @@
+"""The database: SQLAlchemy 2 async, SQLite by default, PostgreSQL in production.
+
+Each service keeps its tables in a schema of its own on PostgreSQL (so services can share
+one database) and in a file of its own on SQLite. Tables are declared without a schema;
+``schema_translate_map`` places them at run time.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import MetaData, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import StaticPool
+
+BUS_METADATA = MetaData()
+_SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+
+class Database:
+    """One service's database: an engine, a session factory, and its tables."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        schema: str | None = None,
+        metadata: Iterable[MetaData] = (),
+        pool_size: int = 10,
+    ) -> None:
+        parsed = make_url(url)
+        self.url = url
+        self.dialect = parsed.get_backend_name()
+        self.metadata = (BUS_METADATA, *metadata)
+        self.schema = schema if self.dialect == "postgresql" else None
+        if self.schema is not None and not _SCHEMA_NAME.match(self.schema):
+            raise ValueError(f"invalid schema name {self.schema!r}")
+        self.engine = self._create_engine(parsed.database or "", pool_size)
+        self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    def _create_engine(self, database: str, pool_size: int) -> AsyncEngine:
+        if self.dialect == "sqlite":
+            in_memory = database in ("", ":memory:")
+            if not in_memory:
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_async_engine(
+                self.url,
+                connect_args={"timeout": 30},
+                poolclass=StaticPool if in_memory else None,
+            )
+            _serialise_sqlite_writers(engine)
+            return engine
+        options: dict[str, Any] = {}
+        if self.schema is not None:
+            options["schema_translate_map"] = {None: self.schema}
+        return create_async_engine(
+            self.url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            execution_options=options,
+        )
+
+    @property
+    def is_postgres(self) -> bool:
+        """True on PostgreSQL (row locks with SKIP LOCKED are available)."""
+        return self.dialect == "postgresql"
+
+    def session(self) -> AsyncSession:
+        """A new session; use ``async with db.session() as s, s.begin(): ...``."""
+        return self.sessions()
+
+    async def create_all(self) -> None:
+        """Create the schema (on PostgreSQL) and every table that does not exist yet."""
+        async with self.engine.begin() as connection:
+            if self.schema is not None:
+                await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
+            for metadata in self.metadata:
+                await connection.run_sync(metadata.create_all)
+
+    async def drop_schema(self) -> None:
+        """Drop this service's schema and everything in it (tests use it to clean up)."""
+        async with self.engine.begin() as connection:
+            if self.schema is not None:
+                await connection.execute(text(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE'))
+            else:
+                for metadata in self.metadata:
+                    await connection.run_sync(metadata.drop_all)
+
+    async def ping(self) -> bool:
+        """True when a trivial query succeeds (readiness)."""
+        async with self.engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        return True
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self.engine.dispose()
+
+
+def _serialise_sqlite_writers(engine: AsyncEngine) -> None:
+    # SQLite's deferred BEGIN lets two transactions read, then deadlock when both try to
+    # write; BEGIN IMMEDIATE takes the write lock up front, so writers queue instead.
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")

@@ -1,0 +1,76 @@
+"""The idempotent consumer: a handler's effects and "message seen" commit together.
+
+The inbox records ``(consumer, message id)`` in the same transaction as the handler's
+changes and outgoing messages. A redelivered message (the broker never saw our ack, or
+the relay published a row twice) finds its id already there and changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from prometheus_client import Counter
+from sqlalchemy import Column, DateTime, String, Table, delete
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bus.broker import Delivery, Handler
+from bus.db import BUS_METADATA
+from bus.outbox import Transactions, UnitOfWork
+
+log = structlog.get_logger("bus.inbox")
+
+DUPLICATES = Counter(
+    "microshop_messages_duplicate_total", "Redelivered messages the inbox skipped", ["consumer"]
+)
+
+inbox_table = Table(
+    "inbox",
+    BUS_METADATA,
+    Column("consumer", String(100), primary_key=True),
+    Column("message_id", String(64), primary_key=True),
+    Column("processed_at", DateTime(timezone=True), nullable=False, index=True),
+)
+
+UnitHandler = Callable[[Delivery, UnitOfWork], Awaitable[None]]
+
+
+async def claim(session: AsyncSession, consumer: str, message_id: str) -> bool:
+    """Record that ``consumer`` handles ``message_id``; False if it already did.
+
+    ``ON CONFLICT DO NOTHING`` keeps the transaction usable on a duplicate, and on
+    PostgreSQL a concurrent copy waits on the key until the first commits.
+    """
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(inbox_table).values(
+        consumer=consumer, message_id=message_id, processed_at=datetime.now(UTC)
+    )
+    result = await session.execute(statement.on_conflict_do_nothing())
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def idempotent(transactions: Transactions, consumer: str, handler: UnitHandler) -> Handler:
+    """Wrap ``handler`` so each message id takes effect once for ``consumer``.
+
+    The handler gets a :class:`UnitOfWork` whose changes, outgoing messages and inbox
+    mark commit together; the broker acks only after that commit.
+    """
+
+    async def handle(delivery: Delivery) -> None:
+        async with transactions.begin(causation=delivery.envelope) as unit:
+            if not await claim(unit.session, consumer, delivery.envelope.id):
+                DUPLICATES.labels(consumer).inc()
+                log.info("duplicate message skipped", consumer=consumer)
+                return
+            await handler(delivery, unit)
+
+    return handle
+
+
+async def prune(session: AsyncSession, older_than: timedelta) -> None:
+    """Forget inbox entries older than ``older_than`` (duplicates arrive within minutes)."""
+    cutoff = datetime.now(UTC) - older_than
+    await session.execute(delete(inbox_table).where(inbox_table.c.processed_at < cutoff))

@@ -1,0 +1,257 @@
+"""The transactional outbox and its relay.
+
+A handler's state changes and the messages they cause are written in one transaction
+(:class:`UnitOfWork`). The :class:`OutboxRelay` publishes pending rows with publisher
+confirms and marks a row published only once the broker confirmed it. A crash between
+the two publishes the row again; consumers drop the copy by message id (the inbox).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import structlog
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bus.broker import Broker, Unroutable
+from bus.db import BUS_METADATA, Database
+from bus.envelope import Envelope, Message
+from bus.observability import OUTBOX_BACKLOG, OUTBOX_PUBLISHED, current_traceparent
+
+log = structlog.get_logger("bus.outbox")
+
+outbox_table = Table(
+    "outbox",
+    BUS_METADATA,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("message_id", String(64), nullable=False, unique=True),
+    Column("type", String(200), nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_error", Text),
+    Column("published_at", DateTime(timezone=True)),
+    Column("failed_at", DateTime(timezone=True)),
+)
+_pending = outbox_table.c.published_at.is_(None) & outbox_table.c.failed_at.is_(None)
+Index("outbox_pending", outbox_table.c.id, postgresql_where=_pending, sqlite_where=_pending)
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class UnitOfWork:
+    """One transaction: a handler's changes plus the messages they cause.
+
+    ``publish`` only records a message; it is written to the outbox when the transaction
+    commits, and the relay publishes it afterwards.
+    """
+
+    def __init__(self, session: AsyncSession, source: str, causation: Envelope | None) -> None:
+        self.session = session
+        self.source = source
+        self.causation = causation
+        self.outgoing: list[Envelope] = []
+
+    def publish(self, message: Message, *, correlation_id: str | None = None) -> Envelope:
+        """Queue ``message`` for publishing if, and only if, this transaction commits.
+
+        It inherits the correlation id of the message being handled (unless one is
+        given) and names it as its cause; the current trace context rides along.
+        """
+        traceparent, tracestate = current_traceparent()
+        envelope = Envelope.wrap(
+            message,
+            source=self.source,
+            causation=self.causation,
+            correlation_id=correlation_id,
+            traceparent=traceparent,
+            tracestate=tracestate,
+        )
+        self.outgoing.append(envelope)
+        return envelope
+
+    async def _write_outbox(self) -> None:
+        if not self.outgoing:
+            return
+        now = _now()
+        await self.session.execute(
+            insert(outbox_table),
+            [
+                {"message_id": e.id, "type": e.type, "body": e.to_json(), "created_at": now}
+                for e in self.outgoing
+            ],
+        )
+
+
+class Transactions:
+    """Opens units of work on one database and wakes the relay when they commit."""
+
+    def __init__(self, db: Database, source: str, on_commit: Callable[[], None] | None = None):
+        self.db = db
+        self.source = source
+        self.on_commit = on_commit
+
+    @contextlib.asynccontextmanager
+    async def begin(self, causation: Envelope | None = None) -> AsyncIterator[UnitOfWork]:
+        """Run the block in one transaction; commit on success, roll back on error."""
+        async with self.db.session() as session, session.begin():
+            unit = UnitOfWork(session, self.source, causation)
+            yield unit
+            await unit._write_outbox()
+        if unit.outgoing and self.on_commit is not None:
+            self.on_commit()
+
+
+class OutboxRelay:
+    """Publishes outbox rows in order of writing, with confirms, and marks them sent.
+
+    On PostgreSQL, rows are claimed with ``FOR UPDATE SKIP LOCKED`` so several instances
+    of one service can relay side by side without publishing a row twice at once.
+    """
+
+    def __init__(
+        self,
+        db: Database,
+        broker: Broker,
+        *,
+        service: str,
+        batch_size: int = 200,
+        poll_seconds: float = 1.0,
+        max_attempts: int = 12,
+        retention: timedelta = timedelta(days=1),
+    ) -> None:
+        self.db = db
+        self.broker = broker
+        self.service = service
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.max_attempts = max_attempts
+        self.retention = retention
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """Tell the relay new rows were committed (it also polls, in case it missed this)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Run the relay loop in the background."""
+        self._task = asyncio.create_task(self._run(), name=f"outbox relay {self.service}")
+
+    async def stop(self) -> None:
+        """Stop the loop (a batch being published is abandoned and will be sent again)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def flush(self, grace: float = 10.0) -> int:
+        """Publish until nothing is pending or ``grace`` s have passed; return the count."""
+        sent = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                while (batch := await self.publish_pending()) > 0:
+                    sent += batch
+        return sent
+
+    async def _run(self) -> None:
+        failures = 0
+        last_prune = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            try:
+                published = await self.publish_pending()
+                failures = 0
+            except Exception:
+                failures += 1
+                log.exception("outbox relay failed; backing off", failures=failures)
+                await asyncio.sleep(min(0.1 * 2**failures, 5.0))
+                continue
+            if published >= self.batch_size:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            if loop.time() - last_prune > 60:
+                last_prune = loop.time()
+                await self._housekeeping()
+
+    async def publish_pending(self) -> int:
+        """Publish one batch of due rows; return how many the broker confirmed."""
+        table = outbox_table
+        now = _now()
+        due = _pending & (table.c.next_attempt_at.is_(None) | (table.c.next_attempt_at <= now))
+        query = select(table.c.id, table.c.body, table.c.attempts).where(due)
+        query = query.order_by(table.c.id).limit(self.batch_size)
+        if self.db.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        async with self.db.session() as session, session.begin():
+            rows = (await session.execute(query)).all()
+            if not rows:
+                return 0
+            envelopes = [Envelope.from_json(row.body) for row in rows]
+            results = await self.broker.publish_many(envelopes)
+            sent = [row.id for row, error in zip(rows, results, strict=True) if error is None]
+            if sent:
+                await session.execute(
+                    update(table).where(table.c.id.in_(sent)).values(published_at=now)
+                )
+            for row, error in zip(rows, results, strict=True):
+                if error is not None:
+                    await session.execute(self._postpone(row, error, now))
+        OUTBOX_PUBLISHED.labels(self.service).inc(len(sent))
+        return len(sent)
+
+    def _postpone(self, row: Any, error: BaseException, now: datetime) -> Any:
+        attempts = row.attempts + 1
+        values: dict[str, Any] = {"attempts": attempts, "last_error": f"{error}"[:1000]}
+        # a broker outage is waited out; a message nobody is bound to is given up on
+        if isinstance(error, Unroutable) and attempts >= self.max_attempts:
+            values["failed_at"] = now
+            log.error("outbox message unroutable; giving up", row=row.id, error=str(error))
+        else:
+            values["next_attempt_at"] = now + timedelta(seconds=min(0.5 * 2**attempts, 60.0))
+            log.warning("outbox publish failed; will retry", row=row.id, error=str(error))
+        return update(outbox_table).where(outbox_table.c.id == row.id).values(**values)
+
+    async def backlog(self) -> int:
+        """How many rows wait to be published."""
+        async with self.db.session() as session:
+            query = select(func.count()).select_from(outbox_table).where(_pending)
+            count = await session.scalar(query)
+        return int(count or 0)
+
+    async def _housekeeping(self) -> None:
+        try:
+            OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
+            async with self.db.session() as session, session.begin():
+                cutoff = _now() - self.retention
+                await session.execute(
+                    delete(outbox_table).where(outbox_table.c.published_at < cutoff)
+                )
+        except Exception:
+            log.exception("outbox housekeeping failed")

@@ -1,0 +1,163 @@
+"""The outbox and inbox on SQLite with the in-memory broker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import ClassVar
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from tests.support import eventually
+
+from bus.broker import Delivery
+from bus.db import Database
+from bus.envelope import Envelope, Event, MessageRegistry
+from bus.inbox import idempotent
+from bus.memory import MemoryBroker
+from bus.outbox import OutboxRelay, Transactions, UnitOfWork, outbox_table
+
+
+class ThingMade(Event):
+    type: ClassVar[str] = "thing.made"
+    name: str
+
+
+REGISTRY = MessageRegistry([ThingMade])
+metadata = MetaData()
+things = Table(
+    "things", metadata, Column("id", Integer, primary_key=True), Column("name", String(50))
+)
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path}/test.db", metadata=[metadata])
+    await database.create_all()
+    yield database
+    await database.close()
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[MemoryBroker]:
+    memory = MemoryBroker(retry_delays_ms=(10,))
+    await memory.connect()
+    yield memory
+    await memory.close()
+
+
+async def count(db: Database, table: Table) -> int:
+    async with db.session() as session:
+        return int(await session.scalar(select(func.count()).select_from(table)) or 0)
+
+
+async def test_messages_are_written_only_when_the_transaction_commits(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+    async with transactions.begin() as unit:
+        await unit.session.execute(insert(things).values(name="kept"))
+        unit.publish(ThingMade(name="kept"))
+    with pytest.raises(RuntimeError):
+        async with transactions.begin() as unit:
+            await unit.session.execute(insert(things).values(name="lost"))
+            unit.publish(ThingMade(name="lost"))
+            raise RuntimeError("handler failed")
+
+    assert await count(db, things) == 1
+    async with db.session() as session:
+        bodies = (await session.scalars(select(outbox_table.c.body))).all()
+    assert [Envelope.from_json(body).data for body in bodies] == [{"name": "kept"}]
+
+
+async def test_commit_wakes_the_relay(db: Database) -> None:
+    woken: list[bool] = []
+    transactions = Transactions(db, "/tests", on_commit=lambda: woken.append(True))
+    async with transactions.begin():
+        pass  # nothing published: no wake-up
+    async with transactions.begin() as unit:
+        unit.publish(ThingMade(name="x"))
+    assert woken == [True]
+
+
+async def test_relay_publishes_pending_rows_once_and_marks_them(
+    db: Database, broker: MemoryBroker
+) -> None:
+    seen: list[str] = []
+
+    async def record(delivery: Delivery) -> None:
+        seen.append(delivery.envelope.id)
+
+    await broker.consume("things", ["thing.*"], record, REGISTRY)
+    transactions = Transactions(db, "/tests")
+    async with transactions.begin() as unit:
+        sent = [unit.publish(ThingMade(name=str(n))).id for n in range(5)]
+    relay = OutboxRelay(db, broker, service="tests", batch_size=2)
+
+    assert await relay.flush() == 5
+    assert await relay.flush() == 0
+    await eventually(lambda: sorted(seen) == sorted(sent))
+    assert await relay.backlog() == 0
+
+
+async def test_unroutable_rows_are_retried_later_then_given_up(
+    db: Database, broker: MemoryBroker
+) -> None:
+    transactions = Transactions(db, "/tests")
+    async with transactions.begin() as unit:
+        unit.publish(ThingMade(name="nobody listens"))
+    relay = OutboxRelay(db, broker, service="tests", max_attempts=2)
+
+    assert await relay.publish_pending() == 0
+    assert await relay.publish_pending() == 0  # postponed: not due yet
+    async with db.session() as session, session.begin():
+        await session.execute(outbox_table.update().values(next_attempt_at=None))
+    assert await relay.publish_pending() == 0
+
+    async with db.session() as session:
+        row = (await session.execute(select(outbox_table))).one()
+    assert row.attempts == 2
+    assert row.failed_at is not None
+    assert "no queue is bound" in row.last_error
+    assert await relay.backlog() == 0
+
+
+async def test_idempotent_handler_takes_effect_once_per_message(
+    db: Database, broker: MemoryBroker
+) -> None:
+    transactions = Transactions(db, "/tests")
+    calls: list[int] = []
+
+    async def make_thing(delivery: Delivery, unit: UnitOfWork) -> None:
+        calls.append(delivery.attempt)
+        name = delivery.message.name  # type: ignore[attr-defined]
+        await unit.session.execute(insert(things).values(name=name))
+
+    handler = idempotent(transactions, "things", make_thing)
+    envelope = Envelope.wrap(ThingMade(name="once"), source="/tests")
+    delivery = Delivery(envelope, ThingMade(name="once"), "things", 1)
+
+    await handler(delivery)
+    await handler(delivery)
+    await handler(Delivery(envelope, ThingMade(name="once"), "other-queue", 2))
+
+    assert calls == [1]
+    assert await count(db, things) == 1
+
+
+async def test_failed_handler_leaves_no_inbox_mark_so_the_retry_runs(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+    calls: list[int] = []
+
+    async def flaky(delivery: Delivery, unit: UnitOfWork) -> None:
+        calls.append(delivery.attempt)
+        await unit.session.execute(insert(things).values(name="flaky"))
+        if delivery.attempt == 1:
+            raise ConnectionError("downstream unavailable")
+
+    handler = idempotent(transactions, "things", flaky)
+    envelope = Envelope.wrap(ThingMade(name="flaky"), source="/tests")
+    with pytest.raises(ConnectionError):
+        await handler(Delivery(envelope, ThingMade(name="flaky"), "things", 1))
+    await handler(Delivery(envelope, ThingMade(name="flaky"), "things", 2))
+
+    assert calls == [1, 2]
+    assert await count(db, things) == 1
