@@ -56,11 +56,15 @@ async def test_messages_are_written_only_when_the_transaction_commits(db: Databa
     async with transactions.begin() as unit:
         await unit.session.execute(insert(things).values(name="kept"))
         unit.publish(ThingMade(name="kept"))
-    with pytest.raises(RuntimeError):
+
+    async def write_then_fail() -> None:
         async with transactions.begin() as unit:
             await unit.session.execute(insert(things).values(name="lost"))
             unit.publish(ThingMade(name="lost"))
             raise RuntimeError("handler failed")
+
+    with pytest.raises(RuntimeError):
+        await write_then_fail()
 
     assert await count(db, things) == 1
     async with db.session() as session:
