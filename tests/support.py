@@ -63,3 +63,12 @@ ROUTING_TABLE: list[tuple[str, str, bool]] = [
     ("a.#", "a..", True),
     ("a", "A", False),
 ]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on right now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -8,9 +8,10 @@ differ only in how they carry it out.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
@@ -25,7 +26,9 @@ from bus.observability import (
     MESSAGES_CONSUMED,
     MESSAGES_DEAD_LETTERED,
     MESSAGES_RETRIED,
+    child,
     extract_trace,
+    inject_trace,
     tracer,
 )
 
@@ -167,52 +170,50 @@ async def process(
         return _dead_letter(queue, routing_key, "unknown", str(error), "invalid", attempt)
 
     parent = extract_trace(headers) if "traceparent" in headers else _envelope_context(envelope)
-    with (
-        tracer.start_as_current_span(
+    # bind/reset rather than bound_contextvars(): cheaper, and this runs per message
+    log_context = structlog.contextvars.bind_contextvars(
+        correlation_id=envelope.correlationid, message_id=envelope.id, message_type=envelope.type
+    )
+    started = time.perf_counter()
+    try:
+        with tracer.start_as_current_span(
             f"{envelope.type} process",
             context=parent,
             kind=trace.SpanKind.CONSUMER,
             attributes=_span_attributes(envelope, queue),
-        ),
-        structlog.contextvars.bound_contextvars(
-            correlation_id=envelope.correlationid,
-            message_id=envelope.id,
-            message_type=envelope.type,
-        ),
-    ):
-        started = time.perf_counter()
-        try:
+        ):
             await handler(Delivery(envelope, message, queue, attempt))
-        except Reject as error:
-            log.warning("message rejected", queue=queue, reason=str(error))
-            return _dead_letter(queue, routing_key, envelope.type, str(error), "rejected", attempt)
-        except Exception as error:
-            reason = f"{type(error).__name__}: {error}"
-            if attempt <= len(retry_delays_ms):
-                log.warning("handler failed, will retry", attempt=attempt, error=reason)
-                MESSAGES_RETRIED.labels(queue, envelope.type).inc()
-                return Outcome(
-                    "retry",
-                    {
-                        ATTEMPT_HEADER: attempt,
-                        REASON_HEADER: reason[:1000],
-                        ROUTING_KEY_HEADER: routing_key,
-                    },
-                    retry_delays_ms[attempt - 1],
-                )
-            log.error("handler failed, giving up", attempt=attempt, exc_info=error)
-            detail = f"failed {attempt} times; last error {reason}\n{_last_frame(error)}"
-            return _dead_letter(queue, routing_key, envelope.type, detail, "exhausted", attempt)
-        finally:
-            HANDLER_SECONDS.labels(queue, envelope.type).observe(time.perf_counter() - started)
-    MESSAGES_CONSUMED.labels(queue, envelope.type).inc()
+    except Reject as error:
+        log.warning("message rejected", queue=queue, reason=str(error))
+        return _dead_letter(queue, routing_key, envelope.type, str(error), "rejected", attempt)
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        if attempt <= len(retry_delays_ms):
+            log.warning("handler failed, will retry", attempt=attempt, error=reason)
+            child(MESSAGES_RETRIED, queue, envelope.type).inc()
+            return Outcome(
+                "retry",
+                {
+                    ATTEMPT_HEADER: attempt,
+                    REASON_HEADER: reason[:1000],
+                    ROUTING_KEY_HEADER: routing_key,
+                },
+                retry_delays_ms[attempt - 1],
+            )
+        log.error("handler failed, giving up", attempt=attempt, exc_info=error)
+        detail = f"failed {attempt} times; last error {reason}\n{_last_frame(error)}"
+        return _dead_letter(queue, routing_key, envelope.type, detail, "exhausted", attempt)
+    finally:
+        child(HANDLER_SECONDS, queue, envelope.type).observe(time.perf_counter() - started)
+        structlog.contextvars.reset_contextvars(**log_context)
+    child(MESSAGES_CONSUMED, queue, envelope.type).inc()
     return Outcome("ack")
 
 
 def _dead_letter(
     queue: str, routing_key: str, message_type: str, reason: str, cause: str, attempt: int
 ) -> Outcome:
-    MESSAGES_DEAD_LETTERED.labels(queue, message_type, cause).inc()
+    child(MESSAGES_DEAD_LETTERED, queue, message_type, cause).inc()
     return Outcome(
         "dead_letter",
         {
@@ -266,18 +267,30 @@ def _span_attributes(envelope: Envelope, queue: str) -> dict[str, str]:
     }
 
 
-def publish_span(envelope: Envelope) -> Any:
-    """A PRODUCER span for publishing ``envelope``, child of the context it was written in.
+@contextlib.contextmanager
+def publish_span(envelope: Envelope) -> Iterator[dict[str, Any]]:
+    """A PRODUCER span around publishing ``envelope``; yields the headers to send.
 
-    The outbox relay publishes long after the request that wrote the message; parenting
-    the span on the envelope's own ``traceparent`` keeps the hop inside the same trace.
+    The span's parent is the context the envelope was written in (its ``traceparent``),
+    else the current one: the outbox relay publishes long after the request that wrote
+    the message, and this keeps the hop inside that request's trace. The span is not
+    made current, which spares a context switch per message on the hot path.
     """
-    return tracer.start_as_current_span(
+    parent = _envelope_context(envelope) if envelope.traceparent else None
+    span = tracer.start_span(
         f"{envelope.type} publish",
-        context=_envelope_context(envelope),
+        context=parent,
         kind=trace.SpanKind.PRODUCER,
         attributes={"messaging.system": "rabbitmq", "messaging.message.id": envelope.id},
     )
+    try:
+        yield inject_trace({}, trace.set_span_in_context(span))
+    except BaseException as error:
+        span.record_exception(error)
+        span.set_status(trace.StatusCode.ERROR, str(error))
+        raise
+    finally:
+        span.end()
 
 
 @cache

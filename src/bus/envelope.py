@@ -12,7 +12,6 @@ from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
-import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CONTENT_TYPE = "application/cloudevents+json"
@@ -36,13 +35,13 @@ class Message(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     type: ClassVar[str]
-    version: ClassVar[str] = "1.0"
+    schema_version: ClassVar[str] = "1.0"
     kind: ClassVar[Literal["event", "command"]]
 
     @classmethod
     def schema_urn(cls) -> str:
         """The ``dataschema`` this model writes: ``urn:microshop:schema:<type>:<version>``."""
-        return f"{SCHEMA_URN}{cls.type}:{cls.version}"
+        return f"{SCHEMA_URN}{cls.type}:{cls.schema_version}"
 
 
 class Event(Message):
@@ -106,7 +105,8 @@ class Envelope(BaseModel):
         """
         message_id = _new_id()
         correlation = correlation_id or (causation.correlationid if causation else None)
-        return cls(
+        # every field is built here from a validated message: skip validating it again
+        return cls.model_construct(
             id=message_id,
             source=source,
             type=message.type,
@@ -116,11 +116,12 @@ class Envelope(BaseModel):
             causationid=causation.id if causation else None,
             traceparent=traceparent,
             tracestate=tracestate,
+            time=_now(),
         )
 
     def to_json(self) -> bytes:
         """The wire form: compact JSON, ``None`` attributes left out as CloudEvents asks."""
-        return pydantic_core.to_json(self.model_dump(mode="json", exclude_none=True))
+        return self.__pydantic_serializer__.to_json(self, exclude_none=True)
 
     @classmethod
     def from_json(cls, body: bytes | str) -> Envelope:
@@ -179,10 +180,10 @@ class MessageRegistry:
         model = self.model(envelope.type)
         if envelope.dataschema and envelope.dataschema.startswith(SCHEMA_URN):
             _, _, version = envelope.dataschema.rpartition(":")
-            if version.split(".")[0] != model.version.split(".")[0]:
+            if version.split(".")[0] != model.schema_version.split(".")[0]:
                 raise InvalidMessage(
                     f"{envelope.type} schema version {version} is incompatible with "
-                    f"{model.version} (major versions differ)"
+                    f"{model.schema_version} (major versions differ)"
                 )
         try:
             return model.model_validate(envelope.data)

@@ -26,7 +26,7 @@ from bus.broker import (
     topic_matches,
 )
 from bus.envelope import Envelope, MessageRegistry
-from bus.observability import MESSAGES_PUBLISHED, inject_trace
+from bus.observability import MESSAGES_PUBLISHED, child
 
 
 @dataclass(slots=True)
@@ -76,10 +76,9 @@ class MemoryBroker:
 
     async def publish(self, envelope: Envelope) -> None:
         """Route ``envelope`` by its type to every bound queue; :class:`Unroutable` if none."""
-        with publish_span(envelope):
-            headers = inject_trace({})
+        with publish_span(envelope) as headers:
             self._route(_Item(envelope.to_json(), envelope.type, envelope.id, headers))
-        MESSAGES_PUBLISHED.labels(envelope.source, envelope.type).inc()
+        child(MESSAGES_PUBLISHED, envelope.source, envelope.type).inc()
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
         """Publish each envelope; one result per envelope."""

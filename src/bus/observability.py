@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -106,9 +107,20 @@ def configure_tracing(service: str, version: str = "0.1.0") -> None:
     trace.set_tracer_provider(provider)
 
 
-def inject_trace(carrier: dict[str, Any]) -> dict[str, Any]:
-    """Write the current W3C trace context (``traceparent``, ``tracestate``) into ``carrier``."""
-    propagate.inject(carrier)
+@functools.cache
+def child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once: hot paths skip the registry's lock."""
+    return metric.labels(*labels)
+
+
+def inject_trace(
+    carrier: dict[str, Any], context: otel_context.Context | None = None
+) -> dict[str, Any]:
+    """Write a W3C trace context (``traceparent``, ``tracestate``) into ``carrier``.
+
+    The current one, unless ``context`` is given.
+    """
+    propagate.inject(carrier, context=context)
     return carrier
 
 

@@ -180,13 +180,16 @@ class OutboxRelay:
 
     async def _run(self) -> None:
         failures = 0
-        last_prune = 0.0
         loop = asyncio.get_running_loop()
+        measured = 0.0
         while True:
             self._wake.clear()
             try:
                 published = await self.publish_pending()
                 failures = 0
+                if loop.time() - measured >= self.poll_seconds:
+                    measured = loop.time()
+                    OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
             except Exception:
                 failures += 1
                 log.exception("outbox relay failed; backing off", failures=failures)
@@ -196,9 +199,6 @@ class OutboxRelay:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-            if loop.time() - last_prune > 60:
-                last_prune = loop.time()
-                await self._housekeeping()
 
     async def publish_pending(self) -> int:
         """Publish one batch of due rows; return how many the broker confirmed."""
@@ -245,13 +245,8 @@ class OutboxRelay:
             count = await session.scalar(query)
         return int(count or 0)
 
-    async def _housekeeping(self) -> None:
-        try:
-            OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
-            async with self.db.session() as session, session.begin():
-                cutoff = _now() - self.retention
-                await session.execute(
-                    delete(outbox_table).where(outbox_table.c.published_at < cutoff)
-                )
-        except Exception:
-            log.exception("outbox housekeeping failed")
+    async def prune(self) -> None:
+        """Delete rows published longer ago than the retention period."""
+        async with self.db.session() as session, session.begin():
+            cutoff = _now() - self.retention
+            await session.execute(delete(outbox_table).where(outbox_table.c.published_at < cutoff))

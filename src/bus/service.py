@@ -1,0 +1,201 @@
+"""A service's life: start, ready, and a graceful drain on SIGTERM.
+
+:class:`Service` owns what every service has: the broker, the database with its outbox
+relay, one queue of incoming messages dispatched by type to idempotent handlers, the
+HTTP front, and the heartbeat that lets the gateway find it. A service's ``app.build``
+assembles one; nothing connects until :meth:`Service.start`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
+
+import structlog
+from aiohttp import web
+
+from bus.amqp import AmqpBroker
+from bus.auth import TokenVerifier
+from bus.broker import Broker, BrokerUnavailable, Consumer, Delivery, Reject, Unroutable
+from bus.db import Database
+from bus.envelope import Envelope, Message, MessageRegistry
+from bus.inbox import UnitHandler, idempotent, prune
+from bus.memory import MemoryBroker
+from bus.messages import ServiceHeartbeat, ServiceStopped
+from bus.observability import configure_logging, configure_tracing
+from bus.outbox import OutboxRelay, Transactions, UnitOfWork
+from bus.settings import Settings
+from bus.web import Api, Health, create_app
+
+log = structlog.get_logger("bus.service")
+
+
+def broker_from_settings(settings: Settings) -> Broker:
+    """The broker ``MICROSHOP_BROKER_URL`` names: ``amqp://…`` or ``memory://``."""
+    if settings.broker_url.startswith("memory:"):
+        return MemoryBroker(prefetch=settings.prefetch, retry_delays_ms=settings.retry_delays_ms)
+    if settings.broker_url.startswith(("amqp://", "amqps://")):
+        return AmqpBroker(
+            settings.broker_url,
+            name=f"microshop-{settings.service}",
+            prefetch=settings.prefetch,
+            retry_delays_ms=settings.retry_delays_ms,
+            delivery_limit=settings.delivery_limit,
+        )
+    raise ValueError(
+        f"MICROSHOP_BROKER_URL must be amqp://... or memory://, not {settings.broker_url!r}"
+    )
+
+
+class Service:
+    """One running service. Build it, ``await start()``, ``await stop()``."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        db: Database,
+        broker: Broker | None = None,
+        handlers: Mapping[str, UnitHandler] | None = None,
+        registry: MessageRegistry | None = None,
+        api: Api | None = None,
+        verifier: TokenVerifier | None = None,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.service
+        self.instance_id = f"{self.name}-{uuid.uuid4().hex[:8]}"
+        self.db = db
+        self.broker = broker or broker_from_settings(settings)
+        self.handlers = dict(handlers or {})
+        self.registry = registry or MessageRegistry()
+        self.health = Health()
+        # build() may add to the app (cleanup contexts, extra routes) before start()
+        self.app = create_app(settings, api=api, health=self.health, verifier=verifier)
+        self.relay = OutboxRelay(
+            db,
+            self.broker,
+            service=self.name,
+            batch_size=settings.outbox_batch_size,
+            poll_seconds=settings.outbox_poll_seconds,
+            max_attempts=settings.outbox_max_attempts,
+        )
+        self.transactions = Transactions(db, f"/microshop/{self.name}", self.relay.wake)
+        self.started_at = datetime.now(UTC)
+        self._consumer: Consumer | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.health.add("broker", self._broker_up)
+        self.health.add("database", self.db.ping)
+
+    async def _broker_up(self) -> bool:
+        return self.broker.is_connected
+
+    async def start(self) -> None:
+        """Connect, create tables, start relaying, consuming and serving; then be ready."""
+        configure_tracing(self.name, self.settings.version)
+        await self.broker.connect()
+        await self.db.create_all()
+        self.relay.start()
+        if self.handlers:
+            dispatch = idempotent(self.transactions, self.name, self._dispatch)
+            self._consumer = await self.broker.consume(
+                self.name, sorted(self.handlers), dispatch, self.registry
+            )
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.host, self.settings.listen_port)
+        await site.start()
+        self._tasks = [
+            asyncio.create_task(self._heartbeat(), name=f"{self.name} heartbeat"),
+            asyncio.create_task(self._housekeeping(), name=f"{self.name} housekeeping"),
+        ]
+        self.health.mark_ready()
+        log.info("service ready", url=self.settings.public_url, instance=self.instance_id)
+
+    async def _dispatch(self, delivery: Delivery, unit: UnitOfWork) -> None:
+        handler = self.handlers.get(delivery.envelope.type)
+        if handler is None:
+            raise Reject(f"{self.name} has no handler for {delivery.envelope.type}")
+        await handler(delivery, unit)
+
+    async def publish_now(self, message: Message) -> None:
+        """Publish a message that changes no state (a heartbeat) straight to the broker."""
+        await self.broker.publish(Envelope.wrap(message, source=f"/microshop/{self.name}"))
+
+    async def stop(self) -> None:
+        """Drain: stop being ready, finish in-flight handlers, flush the outbox, close."""
+        grace = self.settings.drain_seconds
+        self.health.mark_not_ready()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._announce(
+            ServiceStopped(
+                instance_id=self.instance_id, service=self.name, url=self.settings.public_url
+            )
+        )
+        if self._consumer is not None:
+            await self._consumer.stop(grace=grace)
+        await self.relay.stop()
+        with contextlib.suppress(Exception):
+            flushed = await self.relay.flush(grace)
+            log.info("outbox flushed", messages=flushed)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.broker.close()
+        await self.db.close()
+        log.info("service stopped", instance=self.instance_id)
+
+    async def _announce(self, message: Message) -> None:
+        try:
+            await self.publish_now(message)
+        except Unroutable:
+            log.debug("no one listens to announcements yet", type=message.type)
+        except BrokerUnavailable as error:
+            log.warning("could not announce", type=message.type, error=str(error))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self._announce(
+                ServiceHeartbeat(
+                    instance_id=self.instance_id,
+                    service=self.name,
+                    url=self.settings.public_url,
+                    version=self.settings.version,
+                    status="ready",
+                    started_at=self.started_at,
+                    interval_seconds=self.settings.heartbeat_seconds,
+                )
+            )
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(60)
+            try:
+                async with self.db.session() as session, session.begin():
+                    await prune(session, timedelta(days=7))
+                await self.relay.prune()
+            except Exception:
+                log.exception("housekeeping failed")
+
+
+async def run_until_signalled(service: Service) -> None:
+    """Start ``service`` and serve until SIGTERM or SIGINT, then drain and stop."""
+    configure_logging(
+        service.name, level=service.settings.log_level, json=service.settings.log_json
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await service.start()
+    try:
+        await stop.wait()
+        log.info("signal received; draining")
+    finally:
+        await service.stop()

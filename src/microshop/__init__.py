@@ -1,0 +1,1 @@
+"""The microshop command line."""

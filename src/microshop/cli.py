@@ -1,0 +1,148 @@
+"""``microshop``: run a service, export and check the message schemas.
+
+Errors a user can make print one line and exit non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from pydantic import ValidationError
+
+from bus.broker import BrokerUnavailable
+from bus.schemas import check, export
+from bus.settings import Settings
+
+SERVICE_MODULES = {
+    "user": "user_svc",
+    "payment": "payment_svc",
+    "order": "order_svc",
+    "inventory": "inventory_svc",
+    "gateway": "gateway",
+}
+
+
+class UsageError(Exception):
+    """A mistake on the command line or in the environment, shown as one line."""
+
+    exit_code = 2
+
+
+class StartupError(UsageError):
+    """The service could not start: its broker, database or port is not available."""
+
+    exit_code = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="microshop", description="microshop: an event-driven shop backend")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = commands.add_parser("run", help="run one service until SIGTERM or Ctrl-C")
+    run.add_argument(
+        "name",
+        choices=sorted(SERVICE_MODULES),
+        metavar="NAME",
+        help="one of: " + ", ".join(sorted(SERVICE_MODULES)),
+    )
+    run.add_argument("--port", type=_port, help="port to serve on (default: the service's own)")
+
+    schemas = commands.add_parser("schemas", help="the message contracts in schemas/")
+    actions = schemas.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    for action, text in (("export", "write"), ("check", "fail when stale:")):
+        sub = actions.add_parser(action, help=f"{text} JSON Schemas and the AsyncAPI document")
+        sub.add_argument("directory", nargs="?", type=Path, default=Path("schemas"))
+    return parser
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 1-65535, not {port}")
+    return port
+
+
+def run_service(name: str, port: int | None) -> int:
+    """Build the named service from its ``app.build`` and serve until signalled."""
+    from bus.service import run_until_signalled
+
+    module_name = f"{SERVICE_MODULES[name]}.app"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name not in (module_name, SERVICE_MODULES[name]):
+            raise
+        raise UsageError(f"the {name} service is not built yet (no {module_name})") from None
+    settings_type: type[Settings] = getattr(module, "Settings", Settings)
+    overrides: dict[str, object] = {"service": name}
+    if port is not None:
+        overrides["port"] = port
+    try:
+        settings = settings_type(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UsageError(f"bad setting MICROSHOP_{where.upper()}: {first['msg']}") from None
+    service = module.build(settings)
+    try:
+        asyncio.run(run_until_signalled(service))
+    except BrokerUnavailable as error:
+        raise StartupError(
+            f"{name}: {error} (MICROSHOP_BROKER_URL={settings.broker_url})"
+        ) from None
+    except OSError as error:
+        raise StartupError(
+            f"{name}: cannot serve on port {settings.listen_port}: {error}"
+        ) from None
+    return 0
+
+
+def schemas_command(action: str, directory: Path) -> int:
+    """Export the schemas, or report (and fail) when the committed ones are stale."""
+    from microshop.catalogue import CONTRACTS
+
+    version = Settings().version
+    if action == "export":
+        written = export(CONTRACTS, directory, version=version)
+        print(f"wrote {len(written)} files to {directory}/")
+        return 0
+    problems = check(CONTRACTS, directory, version=version)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"{directory}/ is stale: run 'microshop schemas export'", file=sys.stderr)
+        return 1
+    print(f"{directory}/ is up to date")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``microshop`` console script."""
+    try:
+        args = _parser().parse_args(argv)
+        if args.command == "run":
+            return run_service(args.name, args.port)
+        return schemas_command(args.action, args.directory)
+    except UsageError as error:
+        print(f"microshop: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
