@@ -156,6 +156,19 @@ async def kit_drain(
     return elapsed
 
 
+def inbox_on(db: Database) -> Callable[[Callable[[Delivery], Awaitable[None]]], Any]:
+    """Wrap a plain handler in the inbox: one PostgreSQL transaction per message."""
+    transactions = Transactions(db, "/bench")
+
+    def wrap(handle: Callable[[Delivery], Awaitable[None]]) -> Any:
+        async def inner(delivery: Delivery, unit: UnitOfWork) -> None:
+            await handle(delivery)
+
+        return idempotent(transactions, "bench", inner)
+
+    return wrap
+
+
 async def run(url: str, database_url: str | None, count: int, rounds: int) -> dict[str, Any]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
     queue = f"bench-{uuid.uuid4().hex[:6]}"
@@ -188,16 +201,8 @@ async def run(url: str, database_url: str | None, count: int, rounds: int) -> di
                     record("kit publish", await kit_publish(broker, count))
                     record("kit consume", await kit_drain(broker, queue, count))
             if db is not None:
-                transactions = Transactions(db, "/bench")
                 await kit_publish(broker, count)
-
-                def with_inbox(handle: Callable[[Delivery], Awaitable[None]]) -> Any:
-                    async def inner(delivery: Delivery, unit: UnitOfWork) -> None:
-                        await handle(delivery)
-
-                    return idempotent(transactions, "bench", inner)
-
-                record("kit consume + inbox", await kit_drain(broker, queue, count, with_inbox))
+                record("kit consume + inbox", await kit_drain(broker, queue, count, inbox_on(db)))
     finally:
         channel = await broker.connection.channel()
         for name in (queue, f"{queue}.dlq", *(f"{queue}.retry.{d}ms" for d in (200, 1000, 5000))):
