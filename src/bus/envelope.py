@@ -75,7 +75,8 @@ class Envelope(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     specversion: Literal["1.0"] = "1.0"
-    id: str = Field(default_factory=_new_id, min_length=1)
+    # required even though we always set it: the inbox deduplicates by it
+    id: str = Field(min_length=1)
     source: str = Field(min_length=1)
     type: str = Field(min_length=1)
     time: datetime = Field(default_factory=_now)

@@ -83,7 +83,8 @@ def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        # look sys.stderr up per logger, not once: tests and tools swap it
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
         cache_logger_on_first_use=False,
     )
     structlog.contextvars.bind_contextvars(service=service)

@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def redacted(url: str) -> str:
+    """``url`` with its password masked, fit for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
 
 DEFAULT_PORTS = {"gateway": 3000, "user": 3010, "payment": 3011, "order": 3012, "inventory": 3013}
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from bus.broker import BrokerUnavailable
 from bus.schemas import check, export
-from bus.settings import Settings
+from bus.settings import Settings, redacted
 
 SERVICE_MODULES = {
     "user": "user_svc",
@@ -102,7 +102,7 @@ def run_service(name: str, port: int | None) -> int:
         asyncio.run(run_until_signalled(service))
     except BrokerUnavailable as error:
         raise StartupError(
-            f"{name}: {error} (MICROSHOP_BROKER_URL={settings.broker_url})"
+            f"{name}: {error} (MICROSHOP_BROKER_URL={redacted(settings.broker_url)})"
         ) from None
     except OSError as error:
         raise StartupError(
