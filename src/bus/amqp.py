@@ -314,13 +314,17 @@ class _AmqpConsumer:
             log.warning("could not settle message; it will be redelivered", error=str(error))
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Cancel the subscription, then wait up to ``grace`` s for in-flight handlers."""
+        """Cancel the subscription, wait up to ``grace`` s for in-flight handlers, cancel the rest."""
         if self._tag is not None and not self._channel.is_closed:
             with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
                 await self._queue.cancel(self._tag)
         self._tag = None
         if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=grace)
+            _, late = await asyncio.wait(set(self._inflight), timeout=grace)
+            # past the grace period: roll back; the unacked message returns to the queue
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
             await self._channel.close()
         if self in self._broker._consumers:
