@@ -314,7 +314,7 @@ class _AmqpConsumer:
             log.warning("could not settle message; it will be redelivered", error=str(error))
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Cancel the subscription, wait up to ``grace`` s for in-flight handlers, cancel the rest."""
+        """Cancel the subscription; give in-flight handlers ``grace`` s, then cancel them."""
         if self._tag is not None and not self._channel.is_closed:
             with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
                 await self._queue.cancel(self._tag)

@@ -152,6 +152,7 @@ class OutboxRelay:
         self.retention = retention
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def wake(self) -> None:
         """Tell the relay new rows were committed (it also polls, in case it missed this)."""
@@ -159,15 +160,25 @@ class OutboxRelay:
 
     def start(self) -> None:
         """Run the relay loop in the background."""
+        self._stopping = False
         self._task = asyncio.create_task(self._run(), name=f"outbox relay {self.service}")
 
-    async def stop(self) -> None:
-        """Stop the loop (a batch being published is abandoned and will be sent again)."""
-        if self._task is not None:
-            self._task.cancel()
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop after the batch in hand; cancel it only if it takes longer than ``grace`` s.
+
+        Cancelling mid-batch would publish rows that the next relay publishes again.
+        """
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), grace)
+        except TimeoutError:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
 
     async def flush(self, grace: float = 10.0) -> int:
         """Publish until nothing is pending or ``grace`` s have passed; return the count."""
@@ -182,7 +193,7 @@ class OutboxRelay:
         failures = 0
         loop = asyncio.get_running_loop()
         measured = 0.0
-        while True:
+        while not self._stopping:
             self._wake.clear()
             try:
                 published = await self.publish_pending()

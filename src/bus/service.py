@@ -140,7 +140,7 @@ class Service:
         )
         if self._consumer is not None:
             await self._consumer.stop(grace=grace)
-        await self.relay.stop()
+        await self.relay.stop(grace)
         with contextlib.suppress(Exception):
             flushed = await self.relay.flush(grace)
             log.info("outbox flushed", messages=flushed)

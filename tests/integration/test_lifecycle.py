@@ -70,7 +70,7 @@ async def test_sigterm_finishes_in_flight_handler_acks_it_and_flushes_outbox(
 
     async with postgres.session() as session:
         assert (await session.scalars(select(effects.c.name))).all() == ["in-flight"]
-    await eventually(lambda: done == ["in-flight"])  # relayed before the process exited
+    await eventually(lambda: done == ["in-flight"], within=5)  # relayed before the process exited
     # acked: nothing is left for the next instance to redo
     restarted = AmqpBroker(rabbit.url, name=f"{unique}-check")
     await restarted.connect()
