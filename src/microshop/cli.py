@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--port", type=_port, help="port to serve on (default: the service's own)")
 
+    commands.add_parser("demo", help="every service in one process (arrives with issue #4)")
+
     schemas = commands.add_parser("schemas", help="the message contracts in schemas/")
     actions = schemas.add_subparsers(dest="action", required=True, parser_class=_Parser)
     for action, text in (("export", "write"), ("check", "fail when stale:")):
@@ -136,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         if args.command == "run":
             return run_service(args.name, args.port)
+        if args.command == "demo":
+            raise StartupError("the demo needs the order service, which is not built yet")
         return schemas_command(args.action, args.directory)
     except UsageError as error:
         print(f"microshop: {error}", file=sys.stderr)
