@@ -12,8 +12,9 @@ import asyncio
 import contextlib
 import signal
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -29,7 +30,7 @@ from bus.messages import ServiceHeartbeat, ServiceStopped
 from bus.observability import configure_logging, configure_tracing
 from bus.outbox import OutboxRelay, Transactions, UnitOfWork
 from bus.settings import Settings
-from bus.web import Api, Health, create_app
+from bus.web import TRANSACTIONS, Api, Health, create_app
 
 log = structlog.get_logger("bus.service")
 
@@ -64,6 +65,7 @@ class Service:
         registry: MessageRegistry | None = None,
         api: Api | None = None,
         verifier: TokenVerifier | None = None,
+        tasks: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
     ) -> None:
         self.settings = settings
         self.name = settings.service
@@ -84,10 +86,13 @@ class Service:
             max_attempts=settings.outbox_max_attempts,
         )
         self.transactions = Transactions(db, f"/microshop/{self.name}", self.relay.wake)
+        self.app[TRANSACTIONS] = self.transactions
+        self.background = list(tasks)
         self.started_at = datetime.now(UTC)
         self._consumer: Consumer | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.stopped = False
         self.health.add("broker", self._broker_up)
         self.health.add("database", self.db.ping)
 
@@ -103,7 +108,7 @@ class Service:
         if self.handlers:
             dispatch = idempotent(self.transactions, self.name, self._dispatch)
             self._consumer = await self.broker.consume(
-                self.name, sorted(self.handlers), dispatch, self.registry
+                settings_queue(self.settings), sorted(self.handlers), dispatch, self.registry
             )
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
@@ -112,6 +117,7 @@ class Service:
         self._tasks = [
             asyncio.create_task(self._heartbeat(), name=f"{self.name} heartbeat"),
             asyncio.create_task(self._housekeeping(), name=f"{self.name} housekeeping"),
+            *(asyncio.create_task(_logged(task)) for task in self.background),
         ]
         self.health.mark_ready()
         log.info("service ready", url=self.settings.public_url, instance=self.instance_id)
@@ -127,7 +133,13 @@ class Service:
         await self.broker.publish(Envelope.wrap(message, source=f"/microshop/{self.name}"))
 
     async def stop(self) -> None:
-        """Drain: stop being ready, finish in-flight handlers, flush the outbox, close."""
+        """Drain: stop being ready, finish in-flight handlers, flush the outbox, close.
+
+        Safe to call twice; the second call does nothing.
+        """
+        if self.stopped:
+            return
+        self.stopped = True
         grace = self.settings.drain_seconds
         self.health.mark_not_ready()
         for task in self._tasks:
@@ -182,6 +194,26 @@ class Service:
                 await self.relay.prune()
             except Exception:
                 log.exception("housekeeping failed")
+
+
+async def _logged(task: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    # a background loop that dies must say so; the service keeps serving meanwhile
+    try:
+        await task()
+    except Exception:
+        log.exception("background task failed", task=getattr(task, "__name__", repr(task)))
+
+
+def settings_queue(settings: Settings) -> str:
+    """The queue a service consumes: ``MICROSHOP_QUEUE``, else the service's name."""
+    return settings.queue or settings.service
+
+
+def token_verifier(settings: Settings) -> TokenVerifier:
+    """A verifier for tokens minted by the user service, keys from its JWKS endpoint."""
+    return TokenVerifier(
+        jwks_url=settings.jwks_url, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+    )
 
 
 async def run_until_signalled(service: Service) -> None:

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     advertise_url: str | None = None
 
     broker_url: str = "memory://"
+    queue: str | None = None  # default: the service's name
     database_url: str | None = None
+    db_schema: str | None = None  # PostgreSQL schema; default: the service's name
     data_dir: Path = Path("var")
 
     prefetch: int = Field(default=64, ge=1)
@@ -54,7 +56,7 @@ class Settings(BaseSettings):
 
     jwt_issuer: str = "microshop-user"
     jwt_audience: str = "microshop"
-    jwks_url: str | None = None
+    jwks_url: str = "http://127.0.0.1:3010/.well-known/jwks.json"
 
     @field_validator("retry_delays_ms", mode="before")
     @classmethod
@@ -73,6 +75,11 @@ class Settings(BaseSettings):
     def public_url(self) -> str:
         """The URL other processes should use to reach this service."""
         return self.advertise_url or f"http://127.0.0.1:{self.listen_port}"
+
+    @property
+    def schema_name(self) -> str:
+        """The PostgreSQL schema for this service's tables."""
+        return self.db_schema or self.service
 
     @property
     def db_url(self) -> str:

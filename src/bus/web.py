@@ -27,6 +27,7 @@ from bus.api import PRINCIPAL, VERIFIER, Api, Page, json_response, page_params, 
 from bus.auth import TokenVerifier
 from bus.health import HEALTH, Health
 from bus.observability import HTTP_REQUESTS, HTTP_SECONDS, extract_trace, tracer
+from bus.outbox import Transactions
 from bus.problems import (
     Conflict,
     Forbidden,
@@ -45,6 +46,7 @@ __all__ = [
     "PRINCIPAL",
     "REQUEST_ID",
     "SETTINGS",
+    "TRANSACTIONS",
     "VERIFIER",
     "Api",
     "Conflict",
@@ -71,6 +73,8 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 SETTINGS = web.AppKey("SETTINGS", Settings)
+# the service's units of work, for route handlers that change state
+TRANSACTIONS = web.AppKey("TRANSACTIONS", Transactions)
 REQUEST_ID = web.RequestKey("REQUEST_ID", str)
 CORRELATION_ID = web.RequestKey("CORRELATION_ID", str)
 

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from types import ModuleType
+from typing import Any
 
 import aio_pika
 import pytest
 from tests.conftest import RabbitAdmin
+from tests.support import free_port
 
 from bus.amqp import AmqpBroker, retry_queue
 from bus.db import Database
+from bus.service import Service
 
-RETRY_DELAYS_MS = (20, 40)
+RETRY_DELAYS_MS = (50, 200)
 
 
 @pytest.fixture
@@ -49,3 +53,52 @@ async def postgres(database_url: str, unique: str) -> AsyncIterator[Database]:
     yield db
     await db.drop_schema()
     await db.close()
+
+
+ServiceStarter = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def run_service(
+    rabbit: RabbitAdmin, database_url: str, unique: str
+) -> AsyncIterator[ServiceStarter]:
+    """Start services in-process on the real broker and PostgreSQL, each isolated.
+
+    ``await run_service(inventory_svc.app, settings={...}, **build_kwargs)`` builds the
+    service from its ``app`` module with its own queue (``<unique>-<name>``), schema
+    (``<unique>_<name>``) and a free port, starts it, and returns it. Starting the same
+    module again in one test reuses the queue and schema (a restart). Everything is
+    stopped, and the queues and schemas are deleted, after the test.
+    """
+    started: list[Service] = []
+
+    async def start(
+        module: ModuleType, *, settings: dict[str, Any] | None = None, **build_kwargs: Any
+    ) -> Service:
+        name = module.__name__.split(".")[0].removesuffix("_svc")
+        values: dict[str, Any] = {
+            "service": name,
+            "broker_url": rabbit.url,
+            "database_url": database_url,
+            "queue": f"{unique}-{name}",
+            "db_schema": f"{unique}_{name}",
+            "port": free_port(),
+            "retry_delays_ms": RETRY_DELAYS_MS,
+            "heartbeat_seconds": 60,
+            "drain_seconds": 5,
+        }
+        values.update(settings or {})
+        service: Service = module.build(module.Settings(**values), **build_kwargs)
+        await service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in reversed(started):
+        await service.stop()
+    schemas = {(s.db.url, s.settings.schema_name) for s in started}
+    for url, schema in schemas:
+        db = Database(url, schema=schema)
+        await db.drop_schema()
+        await db.close()
+    await delete_queues(rabbit.url, sorted({s.settings.queue or s.name for s in started}))
