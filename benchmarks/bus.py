@@ -39,6 +39,7 @@ from bus.broker import EXCHANGE, Delivery
 from bus.db import Database
 from bus.envelope import Envelope, Event, MessageRegistry
 from bus.inbox import idempotent
+from bus.observability import configure_tracing
 from bus.outbox import Transactions, UnitOfWork
 
 WINDOW = 500
@@ -171,6 +172,7 @@ def inbox_on(db: Database) -> Callable[[Callable[[Delivery], Awaitable[None]]], 
 
 async def run(url: str, database_url: str | None, count: int, rounds: int) -> dict[str, Any]:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    configure_tracing("bench")  # as a service runs it: ids propagated, spans not exported
     queue = f"bench-{uuid.uuid4().hex[:6]}"
     broker = AmqpBroker(url, name="bench", prefetch=PREFETCH)
     await broker.connect()

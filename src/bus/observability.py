@@ -21,9 +21,11 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from prometheus_client import Counter, Gauge, Histogram
 
 tracer = trace.get_tracer("microshop.bus")
+_TRACE_KEYS = ("traceparent", "tracestate")
 
 MESSAGES_PUBLISHED = Counter(
     "microshop_messages_published_total", "Messages confirmed by the broker", ["source", "type"]
@@ -44,6 +46,11 @@ HANDLER_SECONDS = Histogram(
     "Time spent in a message handler",
     ["queue", "type"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+EVENTS_UNHEARD = Counter(
+    "microshop_events_unheard_total",
+    "Events published while no queue was bound to their type",
+    ["service", "type"],
 )
 OUTBOX_BACKLOG = Gauge("microshop_outbox_backlog", "Outbox rows not yet published", ["service"])
 OUTBOX_PUBLISHED = Counter(
@@ -91,20 +98,25 @@ def configure_logging(service: str, *, level: str = "INFO", json: bool = True) -
 
 
 def configure_tracing(service: str, version: str = "0.1.0") -> None:
-    """Install a tracer provider once per process; export over OTLP when configured.
+    """Install a tracer provider once per process.
 
-    A provider installed before (by a test with an in-memory exporter, or by another
-    service sharing this process in the demo) is kept.
+    With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, spans are recorded and exported over OTLP
+    (sampling as ``OTEL_TRACES_SAMPLER`` says; by default every trace). Without it, trace
+    and span ids are still made and propagated, so logs of one flow share a trace id
+    across services, but no span is recorded: nothing would read it, and recording
+    costs about 10 us a message. A provider installed before (by a test with an in-memory
+    exporter, or by another service sharing this process in the demo) is kept.
     """
     if isinstance(trace.get_tracer_provider(), TracerProvider):
         return
-    provider = TracerProvider(
-        resource=Resource.create({"service.name": service, "service.version": version})
-    )
+    resource = Resource.create({"service.name": service, "service.version": version})
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
+        provider = TracerProvider(resource=resource)
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    else:
+        provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_OFF))
     trace.set_tracer_provider(provider)
 
 
@@ -127,7 +139,10 @@ def inject_trace(
 
 def extract_trace(carrier: Mapping[str, Any]) -> otel_context.Context:
     """Read a W3C trace context from headers into an OpenTelemetry context."""
-    return propagate.extract({k: v for k, v in carrier.items() if isinstance(v, str)})
+    # only the two W3C keys: copying every header costs more than the parse itself
+    return propagate.extract(
+        {key: carrier[key] for key in _TRACE_KEYS if isinstance(carrier.get(key), str)}
+    )
 
 
 def current_traceparent() -> tuple[str | None, str | None]:

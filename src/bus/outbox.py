@@ -36,7 +36,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from bus.broker import Broker, Unroutable
 from bus.db import BUS_METADATA, Database
 from bus.envelope import Envelope, Message
-from bus.observability import OUTBOX_BACKLOG, OUTBOX_PUBLISHED, current_traceparent
+from bus.observability import (
+    EVENTS_UNHEARD,
+    OUTBOX_BACKLOG,
+    OUTBOX_PUBLISHED,
+    child,
+    current_traceparent,
+)
 
 log = structlog.get_logger("bus.outbox")
 
@@ -46,6 +52,7 @@ outbox_table = Table(
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
     Column("message_id", String(64), nullable=False, unique=True),
     Column("type", String(200), nullable=False),
+    Column("kind", String(10), nullable=False),
     Column("body", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
@@ -74,6 +81,7 @@ class UnitOfWork:
         self.source = source
         self.causation = causation
         self.outgoing: list[Envelope] = []
+        self._kinds: list[str] = []
 
     def publish(self, message: Message, *, correlation_id: str | None = None) -> Envelope:
         """Queue ``message`` for publishing if, and only if, this transaction commits.
@@ -91,6 +99,7 @@ class UnitOfWork:
             tracestate=tracestate,
         )
         self.outgoing.append(envelope)
+        self._kinds.append(message.kind)
         return envelope
 
     async def _write_outbox(self) -> None:
@@ -100,8 +109,14 @@ class UnitOfWork:
         await self.session.execute(
             insert(outbox_table),
             [
-                {"message_id": e.id, "type": e.type, "body": e.to_json(), "created_at": now}
-                for e in self.outgoing
+                {
+                    "message_id": e.id,
+                    "type": e.type,
+                    "kind": kind,
+                    "body": e.to_json(),
+                    "created_at": now,
+                }
+                for e, kind in zip(self.outgoing, self._kinds, strict=True)
             ],
         )
 
@@ -216,7 +231,7 @@ class OutboxRelay:
         table = outbox_table
         now = _now()
         due = _pending & (table.c.next_attempt_at.is_(None) | (table.c.next_attempt_at <= now))
-        query = select(table.c.id, table.c.body, table.c.attempts).where(due)
+        query = select(table.c.id, table.c.kind, table.c.body, table.c.attempts).where(due)
         query = query.order_by(table.c.id).limit(self.batch_size)
         if self.db.is_postgres:
             query = query.with_for_update(skip_locked=True)
@@ -226,24 +241,32 @@ class OutboxRelay:
                 return 0
             envelopes = [Envelope.from_json(row.body) for row in rows]
             results = await self.broker.publish_many(envelopes)
-            sent = [row.id for row, error in zip(rows, results, strict=True) if error is None]
-            if sent:
+            sent, unheard, failed = [], [], []
+            for row, envelope, error in zip(rows, envelopes, results, strict=True):
+                if error is None:
+                    sent.append(row.id)
+                elif isinstance(error, Unroutable) and row.kind == "event":
+                    # an event nobody subscribes to is done, not failed; a command is not
+                    unheard.append(row.id)
+                    child(EVENTS_UNHEARD, self.service, envelope.type).inc()
+                else:
+                    failed.append((row, error))
+            if sent or unheard:
                 await session.execute(
-                    update(table).where(table.c.id.in_(sent)).values(published_at=now)
+                    update(table).where(table.c.id.in_(sent + unheard)).values(published_at=now)
                 )
-            for row, error in zip(rows, results, strict=True):
-                if error is not None:
-                    await session.execute(self._postpone(row, error, now))
-        OUTBOX_PUBLISHED.labels(self.service).inc(len(sent))
+            for row, error in failed:
+                await session.execute(self._postpone(row, error, now))
+        child(OUTBOX_PUBLISHED, self.service).inc(len(sent))
         return len(sent)
 
     def _postpone(self, row: Any, error: BaseException, now: datetime) -> Any:
         attempts = row.attempts + 1
         values: dict[str, Any] = {"attempts": attempts, "last_error": f"{error}"[:1000]}
-        # a broker outage is waited out; a message nobody is bound to is given up on
+        # a broker outage is waited out; a command whose owner never binds is given up on
         if isinstance(error, Unroutable) and attempts >= self.max_attempts:
             values["failed_at"] = now
-            log.error("outbox message unroutable; giving up", row=row.id, error=str(error))
+            log.error("outbox command unroutable; giving up", row=row.id, error=str(error))
         else:
             values["next_attempt_at"] = now + timedelta(seconds=min(0.5 * 2**attempts, 60.0))
             log.warning("outbox publish failed; will retry", row=row.id, error=str(error))

@@ -12,14 +12,20 @@ from tests.support import eventually
 
 from bus.broker import Delivery
 from bus.db import Database
-from bus.envelope import Envelope, Event, MessageRegistry
+from bus.envelope import Command, Envelope, Event, MessageRegistry
 from bus.inbox import idempotent
 from bus.memory import MemoryBroker
+from bus.observability import EVENTS_UNHEARD
 from bus.outbox import OutboxRelay, Transactions, UnitOfWork, outbox_table
 
 
 class ThingMade(Event):
     type: ClassVar[str] = "thing.made"
+    name: str
+
+
+class MakeThing(Command):
+    type: ClassVar[str] = "thing.make"
     name: str
 
 
@@ -102,12 +108,26 @@ async def test_relay_publishes_pending_rows_once_and_marks_them(
     assert await relay.backlog() == 0
 
 
-async def test_unroutable_rows_are_retried_later_then_given_up(
+async def test_event_nobody_subscribes_to_is_done_and_counted(
+    db: Database, broker: MemoryBroker
+) -> None:
+    unheard = EVENTS_UNHEARD.labels("tests", ThingMade.type)
+    before = unheard._value.get()
+    async with Transactions(db, "/tests").begin() as unit:
+        unit.publish(ThingMade(name="nobody listens"))
+    relay = OutboxRelay(db, broker, service="tests")
+
+    assert await relay.publish_pending() == 0
+    assert await relay.backlog() == 0
+    assert unheard._value.get() == before + 1
+
+
+async def test_unroutable_command_is_retried_later_then_given_up(
     db: Database, broker: MemoryBroker
 ) -> None:
     transactions = Transactions(db, "/tests")
     async with transactions.begin() as unit:
-        unit.publish(ThingMade(name="nobody listens"))
+        unit.publish(MakeThing(name="no owner"))
     relay = OutboxRelay(db, broker, service="tests", max_attempts=2)
 
     assert await relay.publish_pending() == 0
