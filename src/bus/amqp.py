@@ -73,6 +73,7 @@ class AmqpBroker:
         delivery_limit: int = 20,
         confirm_timeout: float = 10.0,
         reconnect_interval: float = 1.0,
+        exchange: str = EXCHANGE,
     ) -> None:
         self.url = url
         self.name = name
@@ -81,6 +82,9 @@ class AmqpBroker:
         self.delivery_limit = delivery_limit
         self.confirm_timeout = confirm_timeout
         self.reconnect_interval = reconnect_interval
+        # another exchange pair isolates a whole system on a shared broker (tests, tenants)
+        self.exchange_name = exchange
+        self.dlx_name = DEAD_LETTER_EXCHANGE if exchange == EXCHANGE else f"{exchange}.dlx"
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
@@ -113,10 +117,10 @@ class AmqpBroker:
             publisher_confirms=True, on_return_raises=True
         )
         self._exchange = await self._channel.declare_exchange(
-            EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True
+            self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
         )
         await self._channel.declare_exchange(
-            DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True
+            self.dlx_name, aio_pika.ExchangeType.DIRECT, durable=True
         )
 
     async def close(self) -> None:
@@ -183,7 +187,7 @@ class AmqpBroker:
         self, channel: AbstractRobustChannel, queue: str, patterns: Sequence[str]
     ) -> AbstractQueue:
         dlq = await channel.declare_queue(f"{queue}.dlq", durable=True, arguments=_QUORUM)
-        await dlq.bind(DEAD_LETTER_EXCHANGE, routing_key=queue)
+        await dlq.bind(self.dlx_name, routing_key=queue)
         for delay in sorted(set(self.retry_delays_ms)):
             await channel.declare_queue(
                 retry_queue(queue, delay),
@@ -200,13 +204,13 @@ class AmqpBroker:
             durable=True,
             arguments={
                 **_QUORUM,
-                "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+                "x-dead-letter-exchange": self.dlx_name,
                 "x-dead-letter-routing-key": queue,
                 "x-delivery-limit": self.delivery_limit,
             },
         )
         for pattern in patterns:
-            await main.bind(EXCHANGE, routing_key=pattern)
+            await main.bind(self.exchange_name, routing_key=pattern)
         return main
 
     async def consume(

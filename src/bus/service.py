@@ -46,6 +46,7 @@ def broker_from_settings(settings: Settings) -> Broker:
             prefetch=settings.prefetch,
             retry_delays_ms=settings.retry_delays_ms,
             delivery_limit=settings.delivery_limit,
+            exchange=settings.exchange,
         )
     raise ValueError(
         f"MICROSHOP_BROKER_URL must be amqp://... or memory://, not {settings.broker_url!r}"

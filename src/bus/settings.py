@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     advertise_url: str | None = None
 
     broker_url: str = "memory://"
+    exchange: str = "microshop.events"
     queue: str | None = None  # default: the service's name
     database_url: str | None = None
     db_schema: str | None = None  # PostgreSQL schema; default: the service's name

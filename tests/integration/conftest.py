@@ -9,12 +9,12 @@ from typing import Any
 
 import aio_pika
 import pytest
-from tests.conftest import RabbitAdmin
-from tests.support import free_port
 
 from bus.amqp import AmqpBroker, retry_queue
 from bus.db import Database
 from bus.service import Service
+from tests.conftest import RabbitAdmin
+from tests.support import free_port
 
 RETRY_DELAYS_MS = (50, 200)
 

@@ -12,7 +12,6 @@ import sys
 from typing import ClassVar
 
 from sqlalchemy import insert
-from tests.integration.tables import effects, metadata
 
 from bus.broker import Delivery
 from bus.db import Database
@@ -20,6 +19,7 @@ from bus.envelope import Event, MessageRegistry
 from bus.outbox import UnitOfWork
 from bus.service import Service, run_until_signalled
 from bus.settings import Settings
+from tests.integration.tables import effects, metadata
 
 
 class SlowAsked(Event):

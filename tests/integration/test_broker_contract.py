@@ -11,12 +11,12 @@ from typing import Any, ClassVar
 import aio_pika
 import pytest
 from opentelemetry import trace
-from tests.support import ROUTING_TABLE, eventually
 
 from bus.amqp import AmqpBroker
 from bus.broker import Broker, Delivery, Reject, Unroutable
 from bus.envelope import Envelope, Event, MessageRegistry
 from bus.memory import MemoryBroker
+from tests.support import ROUTING_TABLE, eventually
 
 pytestmark = pytest.mark.integration
 

@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import select
-from tests.conftest import RabbitAdmin
-from tests.integration.conftest import delete_queues
-from tests.integration.drain_service import SlowAsked, SlowDone
-from tests.integration.tables import effects
-from tests.support import eventually, free_port
 
 from bus.amqp import AmqpBroker
 from bus.broker import Delivery
 from bus.db import Database
 from bus.envelope import Envelope, MessageRegistry
+from tests.conftest import RabbitAdmin
+from tests.integration.conftest import delete_queues
+from tests.integration.drain_service import SlowAsked, SlowDone
+from tests.integration.tables import effects
+from tests.support import eventually, free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).parents[2]

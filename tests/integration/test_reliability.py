@@ -8,9 +8,6 @@ from typing import ClassVar
 
 import pytest
 from sqlalchemy import func, insert, select
-from tests.conftest import RabbitAdmin
-from tests.integration.tables import effects
-from tests.support import eventually
 
 from bus.amqp import AmqpBroker
 from bus.broker import BrokerUnavailable, Delivery
@@ -18,6 +15,9 @@ from bus.db import Database
 from bus.envelope import Envelope, Event, MessageRegistry
 from bus.inbox import DUPLICATES, idempotent
 from bus.outbox import OutboxRelay, Transactions, UnitOfWork
+from tests.conftest import RabbitAdmin
+from tests.integration.tables import effects
+from tests.support import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -8,12 +8,12 @@ from typing import Any, ClassVar
 import pytest
 import structlog
 from opentelemetry import trace
-from tests.support import eventually
 
 from bus.broker import Delivery
 from bus.envelope import Envelope, Event, MessageRegistry
 from bus.memory import MemoryBroker
 from bus.observability import configure_logging
+from tests.support import eventually
 
 
 class Logged(Event):

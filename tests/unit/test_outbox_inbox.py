@@ -8,7 +8,6 @@ from typing import ClassVar
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
-from tests.support import eventually
 
 from bus.broker import Delivery
 from bus.db import Database
@@ -17,6 +16,7 @@ from bus.inbox import idempotent
 from bus.memory import MemoryBroker
 from bus.observability import EVENTS_UNHEARD
 from bus.outbox import OutboxRelay, Transactions, UnitOfWork, outbox_table
+from tests.support import eventually
 
 
 class ThingMade(Event):

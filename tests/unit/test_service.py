@@ -7,8 +7,6 @@ from typing import ClassVar
 
 import aiohttp
 from sqlalchemy import insert
-from tests.integration.tables import effects, metadata
-from tests.support import eventually, free_port
 
 from bus.broker import Delivery
 from bus.db import Database
@@ -18,6 +16,8 @@ from bus.messages import BUS_MESSAGES
 from bus.outbox import UnitOfWork
 from bus.service import Service
 from bus.settings import Settings
+from tests.integration.tables import effects, metadata
+from tests.support import eventually, free_port
 
 
 class ThingAsked(Event):

@@ -1,9 +1,9 @@
 from __future__ import annotations
 
 import pytest
-from tests.support import ROUTING_TABLE
 
 from bus.broker import topic_matches
+from tests.support import ROUTING_TABLE
 
 
 @pytest.mark.parametrize(("pattern", "routing_key", "routed"), ROUTING_TABLE)
