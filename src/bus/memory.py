@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,25 +53,26 @@ class MemoryBroker:
         self._queues: dict[str, _Queue] = {}
         self._consumers: list[_MemoryConsumer] = []
         self._timers: set[asyncio.TimerHandle] = set()
-        self._connected = False
-        self.published: defaultdict[str, int] = defaultdict(int)
+        self._users = 0
 
     @property
     def is_connected(self) -> bool:
-        """True between :meth:`connect` and :meth:`close`."""
-        return self._connected
+        """True while some user has connected and not closed."""
+        return self._users > 0
 
     async def connect(self) -> None:
-        """Nothing to reach: mark the broker usable."""
-        self._connected = True
+        """Nothing to reach: count one more user (services in one process share it)."""
+        self._users += 1
 
     async def close(self) -> None:
-        """Stop consumers and forget pending retries."""
+        """Count one user less; the last one stops consumers and pending retries."""
+        self._users = max(self._users - 1, 0)
+        if self._users:
+            return
         for consumer in list(self._consumers):
             await consumer.stop(grace=0)
         for timer in self._timers:
             timer.cancel()
-        self._connected = False
 
     async def publish(self, envelope: Envelope) -> None:
         """Route ``envelope`` by its type to every bound queue; :class:`Unroutable` if none."""

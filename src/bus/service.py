@@ -35,10 +35,20 @@ from bus.web import TRANSACTIONS, Api, Health, create_app
 log = structlog.get_logger("bus.service")
 
 
+_MEMORY_BROKERS: dict[str, MemoryBroker] = {}
+
+
 def broker_from_settings(settings: Settings) -> Broker:
-    """The broker ``MICROSHOP_BROKER_URL`` names: ``amqp://…`` or ``memory://``."""
+    """The broker ``MICROSHOP_BROKER_URL`` names: ``amqp://…`` or ``memory://``.
+
+    Every service of one process that names the same ``memory://`` URL gets the same
+    in-process broker, which is how ``microshop demo`` wires them together.
+    """
     if settings.broker_url.startswith("memory:"):
-        return MemoryBroker(prefetch=settings.prefetch, retry_delays_ms=settings.retry_delays_ms)
+        return _MEMORY_BROKERS.setdefault(
+            settings.broker_url,
+            MemoryBroker(prefetch=settings.prefetch, retry_delays_ms=settings.retry_delays_ms),
+        )
     if settings.broker_url.startswith(("amqp://", "amqps://")):
         return AmqpBroker(
             settings.broker_url,
