@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Annotated
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 def redacted(url: str) -> str:
@@ -44,7 +46,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
 
     prefetch: int = Field(default=64, ge=1)
-    retry_delays_ms: tuple[int, ...] = (200, 1_000, 5_000)
+    # NoDecode: read "200,1000,5000" as text, not as JSON (a JSON list works too)
+    retry_delays_ms: Annotated[tuple[int, ...], NoDecode] = (200, 1_000, 5_000)
     delivery_limit: int = Field(default=20, ge=1)
     outbox_batch_size: int = Field(default=200, ge=1)
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
@@ -62,9 +65,11 @@ class Settings(BaseSettings):
     @field_validator("retry_delays_ms", mode="before")
     @classmethod
     def _split_csv(cls, value: object) -> object:
-        # env vars arrive as "200,1000,5000"; a JSON list works too
-        if isinstance(value, str) and not value.lstrip().startswith("["):
-            return tuple(int(part) for part in value.split(",") if part.strip())
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return tuple(json.loads(text))
+            return tuple(int(part) for part in text.split(",") if part.strip())
         return value
 
     @property

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from bus.broker import BrokerUnavailable
 from bus.schemas import check, export
@@ -58,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--port", type=_port, help="port to serve on (default: the service's own)")
 
-    commands.add_parser("demo", help="every service in one process (arrives with issue #4)")
+    demo = commands.add_parser("demo", help="every service in one process, no servers needed")
+    demo.add_argument(
+        "--once", action="store_true", help="place sample orders, print how each ended, and exit"
+    )
 
     schemas = commands.add_parser("schemas", help="the message contracts in schemas/")
     actions = schemas.add_subparsers(dest="action", required=True, parser_class=_Parser)
@@ -99,6 +103,8 @@ def run_service(name: str, port: int | None) -> int:
         first = error.errors(include_url=False)[0]
         where = ".".join(str(part) for part in first["loc"])
         raise UsageError(f"bad setting MICROSHOP_{where.upper()}: {first['msg']}") from None
+    except SettingsError as error:
+        raise UsageError(f"bad setting: {error}") from None
     service = module.build(settings)
     try:
         asyncio.run(run_until_signalled(service))
@@ -111,6 +117,18 @@ def run_service(name: str, port: int | None) -> int:
             f"{name}: cannot serve on port {settings.listen_port}: {error}"
         ) from None
     return 0
+
+
+def demo_command(once: bool) -> int:
+    """Run ``microshop demo`` (see :mod:`microshop.demo`)."""
+    from microshop.demo import run_demo
+
+    try:
+        return asyncio.run(run_demo(once))
+    except BrokerUnavailable as error:
+        raise StartupError(f"demo: {error}") from None
+    except OSError as error:
+        raise StartupError(f"demo: cannot serve: {error} (is another demo running?)") from None
 
 
 def schemas_command(action: str, directory: Path) -> int:
@@ -139,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "run":
             return run_service(args.name, args.port)
         if args.command == "demo":
-            raise StartupError("the demo needs the order service, which is not built yet")
+            return demo_command(args.once)
         return schemas_command(args.action, args.directory)
     except UsageError as error:
         print(f"microshop: {error}", file=sys.stderr)

@@ -11,12 +11,15 @@ import aio_pika
 import pytest
 
 from bus.amqp import AmqpBroker, retry_queue
+from bus.broker import EXCHANGE
 from bus.db import Database
 from bus.service import Service
 from tests.conftest import RabbitAdmin
 from tests.support import free_port
 
 RETRY_DELAYS_MS = (50, 200)
+# every delay a test or a default gives, so cleaning up finds every retry queue
+ANY_RETRY_DELAY = (20, 40, 50, 100, 200, 500, 1000, 5000)
 
 
 @pytest.fixture
@@ -34,13 +37,22 @@ async def delete_queues(url: str, queues: list[str]) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
         for queue in queues:
-            names = [queue, f"{queue}.dlq", *(retry_queue(queue, d) for d in RETRY_DELAYS_MS)]
+            names = [queue, f"{queue}.dlq", *(retry_queue(queue, d) for d in ANY_RETRY_DELAY)]
             for name in names:
                 channel = await connection.channel()
                 with contextlib.suppress(Exception):
                     await channel.queue_delete(name)
                 with contextlib.suppress(Exception):
                     await channel.close()
+
+
+async def delete_exchanges(url: str, exchanges: list[str]) -> None:
+    """Delete exchanges a test declared for itself."""
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel()
+        for name in exchanges:
+            await channel.exchange_delete(name)
 
 
 @pytest.fixture
@@ -102,3 +114,5 @@ async def run_service(
         await db.drop_schema()
         await db.close()
     await delete_queues(rabbit.url, sorted({s.settings.queue or s.name for s in started}))
+    exchanges = {s.settings.exchange for s in started} - {EXCHANGE}
+    await delete_exchanges(rabbit.url, [name for e in exchanges for name in (e, f"{e}.dlx")])
