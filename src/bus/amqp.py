@@ -225,6 +225,20 @@ class AmqpBroker:
         self._consumers.append(consumer)
         return consumer
 
+    async def subscribe(
+        self, patterns: Sequence[str], handler: Handler, registry: MessageRegistry
+    ) -> Consumer:
+        """Watch ``patterns`` on a server-named exclusive queue, deleted when we go."""
+        channel = await self.connection.channel()
+        await channel.set_qos(prefetch_count=self.prefetch)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        for pattern in patterns:
+            await queue.bind(self.exchange_name, routing_key=pattern)
+        consumer = _AmqpConsumer(self, channel, queue, handler, registry, transient=True)
+        await consumer.start()
+        self._consumers.append(consumer)
+        return consumer
+
     async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """Read up to ``limit`` dead letters and leave them in place.
 
@@ -273,8 +287,10 @@ class _AmqpConsumer:
         queue: AbstractQueue,
         handler: Handler,
         registry: MessageRegistry,
+        transient: bool = False,
     ) -> None:
         self._broker = broker
+        self._transient = transient
         self._channel = channel
         self._queue = queue
         self._handler = handler
@@ -304,10 +320,12 @@ class _AmqpConsumer:
             routing_key=message.routing_key or "",
             handler=self._handler,
             registry=self._registry,
-            retry_delays_ms=self._broker.retry_delays_ms,
+            retry_delays_ms=() if self._transient else self._broker.retry_delays_ms,
         )
         try:
-            if outcome.action == "retry":
+            if self._transient:
+                pass  # an observer's failure was logged by process(); nothing to keep
+            elif outcome.action == "retry":
                 target = retry_queue(queue, outcome.delay_ms)
                 await self._broker.send_to_queue(target, message, headers=outcome.headers)
             elif outcome.action == "dead_letter":

@@ -138,6 +138,17 @@ class Broker(Protocol):
         """Declare ``queue`` bound to ``patterns`` and hand each delivery to ``handler``."""
         ...
 
+    async def subscribe(
+        self, patterns: Sequence[str], handler: Handler, registry: MessageRegistry
+    ) -> Consumer:
+        """Watch messages on a private queue that lives as long as the subscription.
+
+        For observers that need every message rather than a share of them (a gateway's
+        service registry, a dashboard, ``microshop tail``): no retries and no dead
+        letters; a message its handler fails on is logged and dropped.
+        """
+        ...
+
     async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """Look at (without removing) up to ``limit`` messages in ``queue``'s dead-letter queue."""
         ...

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -125,6 +126,17 @@ class MemoryBroker:
         consumer.start()
         return consumer
 
+    async def subscribe(
+        self, patterns: Sequence[str], handler: Handler, registry: MessageRegistry
+    ) -> Consumer:
+        """Watch ``patterns`` on a private queue that goes away with the subscription."""
+        name = f"subscription.{uuid.uuid4().hex}"
+        await self.declare(name, patterns)
+        consumer = _MemoryConsumer(self, self._queue(name), handler, registry, transient=True)
+        self._consumers.append(consumer)
+        consumer.start()
+        return consumer
+
     async def dead_letters(self, queue: str, limit: int = 100) -> list[DeadLetter]:
         """The dead letters of ``queue``, oldest first."""
         return [
@@ -149,9 +161,15 @@ class MemoryBroker:
 
 class _MemoryConsumer:
     def __init__(
-        self, broker: MemoryBroker, queue: _Queue, handler: Handler, registry: MessageRegistry
+        self,
+        broker: MemoryBroker,
+        queue: _Queue,
+        handler: Handler,
+        registry: MessageRegistry,
+        transient: bool = False,
     ) -> None:
         self._broker = broker
+        self._transient = transient
         self._queue = queue
         self._handler = handler
         self._registry = registry
@@ -179,7 +197,7 @@ class _MemoryConsumer:
                 routing_key=item.routing_key,
                 handler=self._handler,
                 registry=self._registry,
-                retry_delays_ms=self._broker.retry_delays_ms,
+                retry_delays_ms=() if self._transient else self._broker.retry_delays_ms,
             )
         except asyncio.CancelledError:
             # the consumer died before acking: the broker keeps the message for redelivery
@@ -187,6 +205,8 @@ class _MemoryConsumer:
             raise
         finally:
             self._slots.release()
+        if self._transient:
+            return  # an observer's failure was logged by process(); nothing to keep
         headers = {**item.headers, **outcome.headers}
         moved = _Item(item.body, item.routing_key, item.message_id, headers)
         if outcome.action == "retry":
@@ -207,3 +227,5 @@ class _MemoryConsumer:
             await asyncio.gather(*pending, return_exceptions=True)
         if self in self._broker._consumers:
             self._broker._consumers.remove(self)
+        if self._transient:
+            self._broker._queues.pop(self._queue.name, None)

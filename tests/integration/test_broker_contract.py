@@ -145,7 +145,8 @@ async def test_topic_routing_matches_rabbitmq_table(rig: Rig) -> None:
         model: Any = type(f"Probe{row}", (Event,), {"type": f"{rig.prefix}.r{row}.{key}"})
         registry.register(model)
         pattern_here = f"{rig.prefix}.r{row}.{pattern}"
-        await rig.broker.consume(rig.queue(f"r{row}"), [pattern_here], recorder_for(row), registry)
+        # a private queue per row: routing is the exchange's work, whatever the queue
+        await rig.broker.subscribe([pattern_here], recorder_for(row), registry)
 
     for row, (_, key, _) in enumerate(ROUTING_TABLE):
         with contextlib.suppress(Unroutable):
@@ -281,3 +282,39 @@ async def test_stop_lets_in_flight_handler_finish(rig: Rig) -> None:
     await consumer.stop(grace=5)
 
     assert finished.is_set()
+
+
+async def test_every_subscription_sees_every_message_and_leaves_no_queue(rig: Rig) -> None:
+    first, second = Recorder(), Recorder()
+    one = await rig.broker.subscribe([Pinged.type], first, REGISTRY)
+    two = await rig.broker.subscribe([Pinged.type], second, REGISTRY)
+
+    for n in range(3):
+        await rig.broker.publish(ping(n))
+
+    await eventually(lambda: sorted(first.numbers) == sorted(second.numbers) == [0, 1, 2])
+    await one.stop()
+    await two.stop()
+
+    async def gone() -> bool:  # the broker deletes an exclusive queue when its channel closes
+        try:
+            await rig.broker.publish(ping(9))
+        except Unroutable:
+            return True
+        return False
+
+    await eventually(gone)
+
+
+async def test_a_failing_observer_drops_the_message_without_retrying(rig: Rig) -> None:
+    async def broken(delivery: Delivery) -> None:
+        raise RuntimeError("observer bug")
+
+    seen = Recorder(broken)
+    await rig.broker.subscribe([Pinged.type], seen, REGISTRY)
+    await rig.broker.publish(ping(1))
+    await rig.broker.publish(ping(2))
+
+    await eventually(lambda: len(seen.deliveries) == 2)
+    await asyncio.sleep(0.2)
+    assert [d.attempt for d in seen.deliveries] == [1, 1]
