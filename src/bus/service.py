@@ -14,7 +14,7 @@ import signal
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
@@ -227,7 +227,22 @@ def token_verifier(settings: Settings) -> TokenVerifier:
     )
 
 
-async def run_until_signalled(service: Service) -> None:
+class Runnable(Protocol):
+    """What ``microshop run`` needs of a service (the gateway is one without a database)."""
+
+    name: str
+    settings: Settings
+
+    async def start(self) -> None:
+        """Connect, serve, be ready."""
+        ...
+
+    async def stop(self) -> None:
+        """Drain and close."""
+        ...
+
+
+async def run_until_signalled(service: Runnable) -> None:
     """Start ``service`` and serve until SIGTERM or SIGINT, then drain and stop."""
     configure_logging(
         service.name, level=service.settings.log_level, json=service.settings.log_json
