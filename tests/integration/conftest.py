@@ -24,12 +24,25 @@ ANY_RETRY_DELAY = (20, 40, 50, 100, 200, 500, 1000, 5000)
 
 @pytest.fixture
 async def amqp(rabbit: RabbitAdmin, unique: str) -> AsyncIterator[AmqpBroker]:
-    """A connected AmqpBroker; the test's queues (named ``<unique>*``) are deleted after."""
+    """A connected AmqpBroker; every queue the test consumes or declares is deleted after."""
     broker = AmqpBroker(rabbit.url, name=unique, prefetch=16, retry_delays_ms=RETRY_DELAYS_MS)
     await broker.connect()
+    used: set[str] = {unique}
+    consume, declare = broker.consume, broker.declare
+
+    async def consume_and_note(queue: str, *args: Any, **kwargs: Any) -> Any:
+        used.add(queue)
+        return await consume(queue, *args, **kwargs)
+
+    async def declare_and_note(queue: str, *args: Any, **kwargs: Any) -> None:
+        used.add(queue)
+        await declare(queue, *args, **kwargs)
+
+    broker.consume = consume_and_note  # type: ignore[method-assign]
+    broker.declare = declare_and_note  # type: ignore[method-assign]
     yield broker
     await broker.close()
-    await delete_queues(rabbit.url, [unique])
+    await delete_queues(rabbit.url, sorted(used))
 
 
 async def delete_queues(url: str, queues: list[str]) -> None:
