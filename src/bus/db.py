@@ -83,6 +83,11 @@ class Database:
         """Create the schema (on PostgreSQL) and every table that does not exist yet."""
         async with self.engine.begin() as connection:
             if self.schema is not None:
+                # instances starting together would race on the catalogue: take turns
+                await connection.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:schema))"),
+                    {"schema": self.schema},
+                )
                 await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             for metadata in self.metadata:
                 await connection.run_sync(metadata.create_all)

@@ -1,0 +1,1 @@
+"""The inventory service: products, stock levels and order reservations (port 3013)."""

@@ -1,0 +1,365 @@
+"""The inventory's tables and the queries on them; every function runs in the caller's session.
+
+Stock changes are single UPDATEs that add a :class:`~inventory_svc.domain.StockDelta`, so
+concurrent transactions never overwrite each other's counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    MetaData,
+    Numeric,
+    String,
+    Table,
+    Text,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from inventory_svc.domain import ReservationStatus, StockDelta
+
+metadata = MetaData()
+
+products = Table(
+    "products",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("price", Numeric(12, 2), nullable=False),
+    Column("stock", BigInteger, nullable=False),
+    Column("reserved", BigInteger, nullable=False, default=0),
+    Column("sold", BigInteger, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    # the last line of defence for the counting rules in domain.py
+    CheckConstraint("price > 0", name="price_positive"),
+    CheckConstraint("reserved >= 0 AND reserved <= stock", name="reserved_within_stock"),
+    CheckConstraint("sold >= 0", name="sold_not_negative"),
+)
+
+reservations = Table(
+    "reservations",
+    metadata,
+    Column("order_id", String, primary_key=True),
+    Column("status", String(16), nullable=False),
+    Column("total", Numeric(14, 2)),
+    Column("reason", Text),
+    # the order's flow: the expiry sweep's stock.released joins it
+    Column("correlation_id", String(128)),
+    # the reservation expires reservation_ttl after this (a setting, so not stored)
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+_holding = reservations.c.status == ReservationStatus.RESERVED.value
+Index(
+    "reservations_due",
+    reservations.c.created_at,
+    postgresql_where=_holding,
+    sqlite_where=_holding,
+)
+
+# held lines (with their price) or, for a rejected order, the lines that fell short
+reservation_lines = Table(
+    "reservation_lines",
+    metadata,
+    Column(
+        "order_id",
+        String,
+        ForeignKey("reservations.order_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("product_id", String, primary_key=True),
+    Column("quantity", BigInteger, nullable=False),
+    Column("unit_price", Numeric(12, 2)),
+    Column("available", BigInteger),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    """A product with its stock counters."""
+
+    id: str
+    name: str
+    price: Decimal
+    stock: int
+    reserved: int
+    sold: int
+
+    @property
+    def available(self) -> int:
+        """Units an order can still reserve."""
+        return self.stock - self.reserved
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    """One product of a reservation."""
+
+    product_id: str
+    quantity: int
+    unit_price: Decimal | None = None
+    available: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """An order's reservation and its lines, sorted by product id."""
+
+    order_id: str
+    status: ReservationStatus
+    total: Decimal | None
+    reason: str | None
+    correlation_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    lines: tuple[Line, ...]
+
+
+_PRODUCT = (
+    products.c.id,
+    products.c.name,
+    products.c.price,
+    products.c.stock,
+    products.c.reserved,
+    products.c.sold,
+)
+
+
+def utc_now() -> datetime:
+    """The time now, in UTC: every timestamp the inventory stores."""
+    return datetime.now(UTC)
+
+
+def utc(moment: datetime) -> datetime:
+    """``moment`` as an aware UTC time (SQLite hands timestamps back naive)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _insert_or_skip(session: AsyncSession, table: Table) -> Any:
+    # ON CONFLICT DO NOTHING: a concurrent twin waits on the key instead of failing
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    return statement.on_conflict_do_nothing()
+
+
+# --- products -------------------------------------------------------------------------------
+
+
+async def add_product(
+    session: AsyncSession, product_id: str, name: str, price: Decimal, stock: int, now: datetime
+) -> Product | None:
+    """Insert a product; ``None`` when the id is taken."""
+    values = {"id": product_id, "name": name, "price": price, "stock": stock}
+    values |= {"reserved": 0, "sold": 0, "created_at": now, "updated_at": now}
+    statement = _insert_or_skip(session, products).values(values).returning(*_PRODUCT)
+    row = (await session.execute(statement)).first()
+    return Product(**row._mapping) if row is not None else None
+
+
+async def get_product(
+    session: AsyncSession, product_id: str, *, lock: bool = False
+) -> Product | None:
+    """One product, optionally locked until the transaction ends."""
+    query = select(*_PRODUCT).where(products.c.id == product_id)
+    if lock:
+        query = query.with_for_update()
+    row = (await session.execute(query)).first()
+    return Product(**row._mapping) if row is not None else None
+
+
+async def list_products(
+    session: AsyncSession, limit: int, offset: int
+) -> tuple[list[Product], int]:
+    """A page of products by id, and how many there are."""
+    query = select(*_PRODUCT).order_by(products.c.id).limit(limit).offset(offset)
+    rows = (await session.execute(query)).all()
+    total = await session.scalar(select(func.count()).select_from(products))
+    return [Product(**row._mapping) for row in rows], int(total or 0)
+
+
+async def has_products(session: AsyncSession) -> bool:
+    """True when the catalogue holds at least one product."""
+    return await session.scalar(select(products.c.id).limit(1)) is not None
+
+
+async def rename_or_reprice(
+    session: AsyncSession, product_id: str, changes: dict[str, Any], now: datetime
+) -> Product | None:
+    """Set ``name`` and/or ``price``; ``None`` when there is no such product."""
+    statement = (
+        update(products)
+        .where(products.c.id == product_id)
+        .values(**changes, updated_at=now)
+        .returning(*_PRODUCT)
+    )
+    row = (await session.execute(statement)).first()
+    return Product(**row._mapping) if row is not None else None
+
+
+async def move_stock(
+    session: AsyncSession, product_id: str, delta: StockDelta, now: datetime
+) -> Product | None:
+    """Add ``delta`` to a product's counters; ``None`` when there is no such product."""
+    statement = (
+        update(products)
+        .where(products.c.id == product_id)
+        .values(
+            stock=products.c.stock + delta.stock,
+            reserved=products.c.reserved + delta.reserved,
+            sold=products.c.sold + delta.sold,
+            updated_at=now,
+        )
+        .returning(*_PRODUCT)
+    )
+    row = (await session.execute(statement)).first()
+    return Product(**row._mapping) if row is not None else None
+
+
+async def hold_units(session: AsyncSession, product_id: str, quantity: int) -> Decimal | None:
+    """Reserve ``quantity`` units if that many are free; the unit price, or ``None``.
+
+    The guard sits in the UPDATE itself: on PostgreSQL a concurrent reservation of the
+    same row waits for ours to commit and then re-checks it, so the last unit goes once.
+    """
+    statement = (
+        update(products)
+        .where(products.c.id == product_id, products.c.stock - products.c.reserved >= quantity)
+        .values(reserved=products.c.reserved + quantity)
+        .returning(products.c.price)
+    )
+    price: Decimal | None = (await session.execute(statement)).scalar()
+    return price
+
+
+async def available_units(session: AsyncSession, product_ids: Iterable[str]) -> dict[str, int]:
+    """Free units per known product among ``product_ids``."""
+    query = select(products.c.id, products.c.stock - products.c.reserved).where(
+        products.c.id.in_(list(product_ids))
+    )
+    return {product_id: int(free) for product_id, free in (await session.execute(query)).all()}
+
+
+# --- reservations ---------------------------------------------------------------------------
+
+
+async def claim_reservation(
+    session: AsyncSession,
+    order_id: str,
+    status: ReservationStatus,
+    now: datetime,
+    *,
+    correlation_id: str | None = None,
+    reason: str | None = None,
+) -> bool:
+    """Create the order's reservation; False when it already has one (a repeated request)."""
+    statement = _insert_or_skip(session, reservations).values(
+        order_id=order_id,
+        status=status.value,
+        reason=reason,
+        correlation_id=correlation_id,
+        created_at=now,
+        updated_at=now,
+    )
+    result = await session.execute(statement)
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def update_reservation(
+    session: AsyncSession,
+    order_id: str,
+    status: ReservationStatus,
+    now: datetime,
+    *,
+    total: Decimal | None = None,
+    reason: str | None = None,
+    lines: Sequence[Line] = (),
+) -> None:
+    """Move a reservation to ``status``, with its total, reason and lines where given."""
+    values: dict[str, Any] = {"status": status.value, "updated_at": now}
+    if total is not None:
+        values["total"] = total
+    if reason is not None:
+        values["reason"] = reason
+    await session.execute(
+        update(reservations).where(reservations.c.order_id == order_id).values(**values)
+    )
+    if lines:
+        await session.execute(
+            insert(reservation_lines),
+            [{"order_id": order_id, **asdict(line)} for line in lines],
+        )
+
+
+async def get_reservation(
+    session: AsyncSession, order_id: str, *, lock: bool = False
+) -> Reservation | None:
+    """An order's reservation with its lines, optionally locked until the transaction ends."""
+    query = select(reservations).where(reservations.c.order_id == order_id)
+    if lock:
+        query = query.with_for_update()
+    return await _load(session, query)
+
+
+async def due_for_expiry(session: AsyncSession, cutoff: datetime, limit: int) -> list[str]:
+    """Orders still holding units reserved at or before ``cutoff``, oldest first."""
+    query = (
+        select(reservations.c.order_id)
+        .where(_holding, reservations.c.created_at <= cutoff)
+        .order_by(reservations.c.created_at)
+        .limit(limit)
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def lock_if_due(session: AsyncSession, order_id: str, cutoff: datetime) -> Reservation | None:
+    """The reservation, locked, if it is still due; ``None`` if done or another sweep has it.
+
+    ``SKIP LOCKED`` (PostgreSQL) lets two instances sweep side by side without waiting on,
+    or releasing twice, the same reservation.
+    """
+    query = (
+        select(reservations)
+        .where(reservations.c.order_id == order_id, _holding, reservations.c.created_at <= cutoff)
+        .with_for_update(skip_locked=True)
+    )
+    return await _load(session, query)
+
+
+async def _load(session: AsyncSession, query: Any) -> Reservation | None:
+    row = (await session.execute(query)).first()
+    if row is None:
+        return None
+    lines = await session.execute(
+        select(reservation_lines)
+        .where(reservation_lines.c.order_id == row.order_id)
+        .order_by(reservation_lines.c.product_id)
+    )
+    return Reservation(
+        order_id=row.order_id,
+        status=ReservationStatus(row.status),
+        total=row.total,
+        reason=row.reason,
+        correlation_id=row.correlation_id,
+        created_at=utc(row.created_at),
+        updated_at=utc(row.updated_at),
+        lines=tuple(
+            Line(line.product_id, line.quantity, line.unit_price, line.available) for line in lines
+        ),
+    )

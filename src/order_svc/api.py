@@ -1,0 +1,313 @@
+"""HTTP for orders: place, read, move along by hand, cancel. Thin: the saga decides."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from decimal import Decimal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bus.web import (
+    CORRELATION_ID,
+    TRANSACTIONS,
+    Api,
+    Conflict,
+    Forbidden,
+    HttpProblem,
+    NotFound,
+    Page,
+    Unprocessable,
+    json_response,
+    page_params,
+    principal,
+)
+from order_svc import replicas, saga, store
+from order_svc.domain import MANUAL, OrderStatus, SagaStep, TransitionError, line_total, money
+from order_svc.messages import OrderCreated, OrderLine
+from order_svc.replicas import Directory, KnownProduct, UpstreamUnavailable
+from order_svc.saga import Policy
+from order_svc.views import OrderView, order_view, order_views
+
+api = Api()
+DIRECTORY = web.AppKey("DIRECTORY", Directory)
+POLICY = web.AppKey("POLICY", Policy)
+CURRENCY = web.AppKey("CURRENCY", str)
+ANYONE = ("admin", "manager", "user")
+STAFF = ("admin", "manager")
+
+
+class PaymentChoice(BaseModel):
+    """How the order is to be paid."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    provider: str = Field(min_length=1, max_length=20)
+    method: str = Field(min_length=1, max_length=64)
+
+
+class PlaceOrder(BaseModel):
+    """``POST /orders``: what to buy and how to pay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[OrderLine] = Field(min_length=1, max_length=50)
+    payment: PaymentChoice
+
+
+class StatusChange(BaseModel):
+    """``PUT /orders/{id}/status``."""
+
+    status: OrderStatus
+    reason: str | None = Field(default=None, max_length=500)
+
+
+class CancelRequest(BaseModel):
+    """``POST /orders/{id}/cancel``."""
+
+    reason: str | None = Field(default=None, max_length=500)
+
+
+@api.post(
+    "/orders",
+    body=PlaceOrder,
+    response=OrderView,
+    status=202,
+    roles=ANYONE,
+    summary="Place an order; its saga reserves stock, then takes payment",
+)
+async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamResponse:
+    caller = principal(request)
+    key = request.headers.get("Idempotency-Key")
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    transactions = request.app[TRANSACTIONS]
+    if key and (existing := await _order_for_key(request, caller.user_id, key, fingerprint)):
+        return _accepted(existing)
+    lines = _merged(body.items)
+    try:
+        await _check_user(request, caller.user_id)
+        catalogue = await _products(request, {line.product_id for line in lines})
+    except UpstreamUnavailable as error:
+        raise HttpProblem(f"cannot place orders right now: {error}", status=503) from None
+    priced = [(line.product_id, line.quantity, catalogue[line.product_id].price) for line in lines]
+    total = money(sum((line_total(price, qty) for _, qty, price in priced), Decimal(0)))
+    order_id = uuid.uuid4().hex
+    currency = request.app[CURRENCY]
+    values = {
+        "id": order_id,
+        "user_id": caller.user_id,
+        "status": OrderStatus.PENDING,
+        "currency": currency,
+        "total_cents": store.cents(total),
+        "provider": body.payment.provider,
+        "method": body.payment.method,
+        "correlation_id": request[CORRELATION_ID],
+        "created_at": store.now(),
+        "updated_at": store.now(),
+        "step_attempts": 0,
+        "refund_requested": False,
+    }
+    try:
+        async with transactions.begin() as unit:
+            for product in catalogue.values():
+                await replicas.save_product(unit.session, _as_event(product))
+            if key:
+                await unit.session.execute(
+                    insert(store.idempotency_keys).values(
+                        user_id=caller.user_id,
+                        key=key,
+                        request_hash=fingerprint,
+                        order_id=order_id,
+                        created_at=store.now(),
+                    )
+                )
+            values["traceparent"] = unit.publish(
+                OrderCreated(
+                    order_id=order_id,
+                    user_id=caller.user_id,
+                    items=lines,
+                    total=total,
+                    currency=currency,
+                ),
+                correlation_id=request[CORRELATION_ID],
+            ).traceparent
+            await store.insert_order(unit.session, values, priced)
+            order = await store.lock_order(unit.session, order_id)
+            assert order is not None
+            await saga.send(unit, order, SagaStep.RESERVE, request.app[POLICY])
+    except IntegrityError:
+        # the same Idempotency-Key raced in from another request: answer with its order
+        if key and (existing := await _order_for_key(request, caller.user_id, key, fingerprint)):
+            return _accepted(existing)
+        raise
+    return _accepted(await _view(request, order_id))
+
+
+@api.get(
+    "/orders",
+    response=Page[OrderView],
+    roles=ANYONE,
+    summary="Orders: your own; staff see everyone's (?status=, ?user_id=)",
+)
+async def list_orders(request: web.Request) -> web.StreamResponse:
+    caller = principal(request)
+    limit, offset = page_params(request)
+    status = _status_filter(request.query.get("status"))
+    user_id = request.query.get("user_id") if caller.is_staff else caller.user_id
+    async with request.app[TRANSACTIONS].db.session() as session:
+        views, total = await order_views(
+            session, user_id=user_id, status=status, limit=limit, offset=offset
+        )
+    return json_response(Page[OrderView](items=views, total=total, limit=limit, offset=offset))
+
+
+@api.get("/orders/{order_id}", response=OrderView, roles=ANYONE, summary="One order")
+async def get_order(request: web.Request) -> web.StreamResponse:
+    return json_response(await _visible_order(request))
+
+
+@api.put(
+    "/orders/{order_id}/status",
+    body=StatusChange,
+    response=OrderView,
+    roles=STAFF,
+    summary="Move a confirmed order along: processing, shipped, delivered (or cancel)",
+)
+async def change_status(request: web.Request, body: StatusChange) -> web.StreamResponse:
+    order_id = request.match_info["order_id"]
+    if body.status is OrderStatus.CANCELLED:
+        return await _cancel(request, order_id, body.reason or "cancelled by staff")
+    if body.status not in MANUAL:
+        raise Conflict(f"status {body.status} is set by the saga, not by hand")
+    async with request.app[TRANSACTIONS].begin() as unit:
+        order = await _locked(unit.session, order_id)
+        try:
+            await saga.set_status(unit, order, body.status, body.reason)
+        except TransitionError as error:
+            raise Conflict(str(error)) from None
+    return json_response(await _existing_view(request, order_id))
+
+
+@api.post(
+    "/orders/{order_id}/cancel",
+    body=CancelRequest,
+    response=OrderView,
+    status=202,
+    roles=ANYONE,
+    summary="Cancel: release stock, or refund first once paid",
+)
+async def cancel_order(request: web.Request, body: CancelRequest) -> web.StreamResponse:
+    await _visible_order(request)
+    return await _cancel(
+        request, request.match_info["order_id"], body.reason or "cancelled by the customer"
+    )
+
+
+async def _cancel(request: web.Request, order_id: str, reason: str) -> web.StreamResponse:
+    async with request.app[TRANSACTIONS].begin() as unit:
+        order = await _locked(unit.session, order_id)
+        try:
+            await saga.cancel(unit, order, reason, request.app[POLICY])
+        except TransitionError as error:
+            raise Conflict(str(error)) from None
+    return json_response(await _existing_view(request, order_id), status=202)
+
+
+async def _locked(session: AsyncSession, order_id: str) -> store.Order:
+    order = await store.lock_order(session, order_id)
+    if order is None:
+        raise NotFound(f"no order {order_id}")
+    return order
+
+
+async def _visible_order(request: web.Request) -> OrderView:
+    caller = principal(request)
+    view = await _view(request, request.match_info["order_id"])
+    # another user's order is "not found": saying "forbidden" would confirm it exists
+    if view is None or (view.user_id != caller.user_id and not caller.is_staff):
+        raise NotFound(f"no order {request.match_info['order_id']}")
+    return view
+
+
+async def _view(request: web.Request, order_id: str) -> OrderView | None:
+    async with request.app[TRANSACTIONS].db.session() as session:
+        return await order_view(session, order_id)
+
+
+async def _existing_view(request: web.Request, order_id: str) -> OrderView:
+    view = await _view(request, order_id)
+    if view is None:
+        raise NotFound(f"no order {order_id}")
+    return view
+
+
+def _accepted(view: OrderView | None) -> web.StreamResponse:
+    assert view is not None, "the order was just written"
+    return json_response(view, status=202, headers={"Location": f"/orders/{view.id}"})
+
+
+async def _order_for_key(
+    request: web.Request, user_id: str, key: str, fingerprint: str
+) -> OrderView | None:
+    table = store.idempotency_keys
+    query = select(table).where((table.c.user_id == user_id) & (table.c.key == key))
+    async with request.app[TRANSACTIONS].db.session() as session:
+        row = (await session.execute(query)).first()
+    if row is None:
+        return None
+    if row.request_hash != fingerprint:
+        raise Unprocessable("this Idempotency-Key was used for a different order")
+    return await _view(request, row.order_id)
+
+
+def _merged(items: list[OrderLine]) -> list[OrderLine]:
+    quantities: dict[str, int] = {}
+    for item in items:
+        quantities[item.product_id] = quantities.get(item.product_id, 0) + item.quantity
+    return [OrderLine(product_id=p, quantity=q) for p, q in sorted(quantities.items())]
+
+
+def _status_filter(value: str | None) -> OrderStatus | None:
+    if value is None:
+        return None
+    try:
+        return OrderStatus(value)
+    except ValueError:
+        raise Unprocessable(f"query.status: unknown status {value!r}") from None
+
+
+async def _check_user(request: web.Request, user_id: str) -> None:
+    async with request.app[TRANSACTIONS].db.session() as session:
+        user = await replicas.known_user(session, user_id)
+    if user is None:
+        found = await request.app[DIRECTORY].user(user_id, request.headers["Authorization"])
+        if found is None:
+            raise Forbidden("your account does not exist any more")
+        user = replicas.KnownUser(user_id, found.get("status", "active"))
+    if user.status != "active":
+        raise Forbidden(f"your account is {user.status}: it cannot place orders")
+
+
+async def _products(request: web.Request, ids: set[str]) -> dict[str, KnownProduct]:
+    async with request.app[TRANSACTIONS].db.session() as session:
+        known = await replicas.known_products(session, ids)
+    for product_id in sorted(ids - known.keys()):
+        found = await request.app[DIRECTORY].product(product_id)
+        if found is None:
+            raise Unprocessable(f"unknown product {product_id!r}")
+        known[product_id] = KnownProduct(product_id, found["name"], Decimal(found["price"]))
+    return known
+
+
+class _ProductFacts(BaseModel):
+    product_id: str
+    name: str
+    price: Decimal
+
+
+def _as_event(product: KnownProduct) -> _ProductFacts:
+    return _ProductFacts(product_id=product.id, name=product.name, price=product.price)

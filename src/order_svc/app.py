@@ -1,0 +1,90 @@
+"""The order service's composition root: ``build(settings) -> Service``."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from bus.db import Database
+from bus.envelope import MessageRegistry
+from bus.observability import extract_trace, tracer
+from bus.service import Service, token_verifier
+from bus.settings import Settings as BaseSettings
+from order_svc import saga, store
+from order_svc.api import CURRENCY, DIRECTORY, POLICY, api
+from order_svc.handlers import CONSUMED, handlers
+from order_svc.replicas import Directory
+from order_svc.saga import Policy
+
+log = structlog.get_logger(__name__)
+
+
+class Settings(BaseSettings):
+    """The order service's knobs (``MICROSHOP_*``)."""
+
+    service: str = "order"
+    saga_step_timeout: float = 10.0
+    saga_step_attempts: int = 3
+    saga_sweep_seconds: float = 1.0
+    currency: str = "USD"
+    user_url: str = "http://127.0.0.1:3010"
+    inventory_url: str = "http://127.0.0.1:3013"
+
+
+def build(settings: Settings, **overrides: Any) -> Service:
+    """Assemble the order service; nothing connects until ``start()``."""
+    policy = Policy(settings.saga_step_timeout, settings.saga_step_attempts)
+    db = Database(settings.db_url, schema=settings.schema_name, metadata=[store.metadata])
+    service = Service(
+        settings,
+        db=db,
+        handlers=handlers(policy),
+        registry=MessageRegistry(CONSUMED),
+        api=api,
+        verifier=overrides.get("verifier") or token_verifier(settings),
+    )
+    service.background.append(lambda: sweep_overdue_steps(service, policy))
+    service.app[POLICY] = policy
+    service.app[CURRENCY] = settings.currency
+
+    async def directory(app: web.Application) -> AsyncIterator[None]:
+        timeout = aiohttp.ClientTimeout(total=3)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            app[DIRECTORY] = Directory(session, settings.user_url, settings.inventory_url)
+            yield
+
+    service.app.cleanup_ctx.append(directory)
+    return service
+
+
+async def sweep_overdue_steps(service: Service, policy: Policy) -> None:
+    """Every second or so, send again (or compensate) saga steps nobody answered.
+
+    It reads deadlines from the database, so orders left waiting by a crash are found
+    after the restart. Rows are claimed with SKIP LOCKED: instances share the work.
+    """
+    settings = service.settings
+    interval = getattr(settings, "saga_sweep_seconds", 1.0)
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            while await _sweep_once(service, policy) == 50:
+                pass
+        except Exception:
+            log.exception("saga sweep failed")
+
+
+async def _sweep_once(service: Service, policy: Policy) -> int:
+    async with service.transactions.begin() as unit:
+        overdue = await store.due_orders(unit.session, 50, skip_locked=service.db.is_postgres)
+        for order in overdue:
+            # continue the order's own trace, not a trace of the sweep
+            parent = extract_trace({"traceparent": order.traceparent or ""})
+            with tracer.start_as_current_span("order saga step overdue", context=parent):
+                await saga.step_overdue(unit, order, policy)
+    return len(overdue)

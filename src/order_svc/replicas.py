@@ -1,0 +1,126 @@
+"""What the order service knows of users and products: replicas kept from their events,
+filled in over HTTP (through a circuit breaker) for ones it has not heard of yet."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import aiohttp
+import structlog
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bus.resilience import CircuitBreaker, retry_call
+from order_svc import store
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class KnownUser:
+    """A user as the order service needs to know one."""
+
+    id: str
+    status: str  # active, inactive or deleted
+
+
+@dataclass(frozen=True, slots=True)
+class KnownProduct:
+    """A product that can be ordered, with its current price."""
+
+    id: str
+    name: str
+    price: Decimal
+
+
+def _upsert(session: AsyncSession, table: Any, values: dict[str, Any]) -> Any:
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(table).values(**values)
+    changes = {key: value for key, value in values.items() if key != "id"}
+    return statement.on_conflict_do_update(index_elements=["id"], set_=changes)
+
+
+async def save_user(session: AsyncSession, event: Any, event_type: str) -> None:
+    """Record what a ``user.*`` event says of a user."""
+    status = "deleted" if event_type == "user.deleted" else event.status
+    values = {
+        "id": event.user_id,
+        "email": event.email,
+        "role": event.role,
+        "status": status,
+        "updated_at": store.now(),
+    }
+    await session.execute(_upsert(session, store.users, values))
+
+
+async def save_product(session: AsyncSession, event: Any) -> None:
+    """Record a product's name and price from ``product.created`` or ``product.updated``."""
+    values = {"id": event.product_id, "name": event.name, "price_cents": store.cents(event.price)}
+    await session.execute(_upsert(session, store.products, values))
+
+
+async def known_user(session: AsyncSession, user_id: str) -> KnownUser | None:
+    """The replica's copy of a user, if it has one."""
+    row = (await session.execute(select(store.users).where(store.users.c.id == user_id))).first()
+    return KnownUser(row.id, row.status) if row else None
+
+
+async def known_products(session: AsyncSession, ids: set[str]) -> dict[str, KnownProduct]:
+    """The replica's copies of these products."""
+    query = select(store.products).where(store.products.c.id.in_(ids))
+    return {
+        row.id: KnownProduct(row.id, row.name, store.from_cents(row.price_cents))
+        for row in await session.execute(query)
+    }
+
+
+class UpstreamUnavailable(Exception):
+    """The user or inventory service could not be asked (down, slow, or breaker open)."""
+
+
+class Directory:
+    """Asks the user and inventory services about what the replicas have not seen yet."""
+
+    def __init__(self, session: aiohttp.ClientSession, user_url: str, inventory_url: str) -> None:
+        self.session = session
+        self.user_url = user_url.rstrip("/")
+        self.inventory_url = inventory_url.rstrip("/")
+        self.users = CircuitBreaker("order->user", failure_threshold=5, reset_timeout=10)
+        self.inventory = CircuitBreaker("order->inventory", failure_threshold=5, reset_timeout=10)
+
+    async def user(self, user_id: str, authorization: str) -> dict[str, Any] | None:
+        """``GET /users/{id}`` with the caller's own token (a user may read itself)."""
+        url = f"{self.user_url}/users/{user_id}"
+        return await self._get(self.users, url, {"Authorization": authorization})
+
+    async def product(self, product_id: str) -> dict[str, Any] | None:
+        """``GET /products/{id}`` (public)."""
+        return await self._get(self.inventory, f"{self.inventory_url}/products/{product_id}", {})
+
+    async def _get(
+        self, breaker: CircuitBreaker, url: str, headers: dict[str, str]
+    ) -> dict[str, Any] | None:
+        async def fetch() -> dict[str, Any] | None:
+            async with self.session.get(url, headers=headers) as response:
+                if response.status == 404:
+                    return None
+                response.raise_for_status()
+                body: dict[str, Any] = await response.json()
+                return body
+
+        try:
+            return await retry_call(
+                breaker.call,
+                fetch,
+                attempts=3,
+                initial=0.05,
+                maximum=0.5,
+                retry_on=(aiohttp.ClientError, TimeoutError),
+            )
+        except Exception as error:
+            log.warning("upstream lookup failed", url=url, error=repr(error))
+            raise UpstreamUnavailable(f"{url.split('/')[2]} is unavailable") from error

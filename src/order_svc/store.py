@@ -1,0 +1,242 @@
+"""Tables and queries of the order service. Money is stored as integer cents."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from order_svc.domain import OrderStatus, SagaStep
+
+metadata = MetaData()
+
+orders = Table(
+    "orders",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("user_id", String(64), nullable=False, index=True),
+    Column("status", String(20), nullable=False, index=True),
+    Column("status_reason", Text),
+    Column("currency", String(3), nullable=False),
+    Column("total_cents", BigInteger, nullable=False),
+    Column("provider", String(20), nullable=False),
+    Column("method", String(64), nullable=False),
+    Column("payment_id", String(64)),
+    Column("correlation_id", String(64), nullable=False),
+    Column("traceparent", String(64)),
+    Column("saga_step", String(10)),
+    Column("step_deadline", DateTime(timezone=True)),
+    Column("step_attempts", Integer, nullable=False, default=0),
+    Column("refund_requested", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("shipped_at", DateTime(timezone=True)),
+    Column("estimated_delivery", DateTime(timezone=True)),
+)
+Index("orders_step_deadline", orders.c.step_deadline)
+
+order_items = Table(
+    "order_items",
+    metadata,
+    Column("order_id", String(32), ForeignKey("orders.id"), primary_key=True),
+    Column("product_id", String(64), primary_key=True),
+    Column("quantity", Integer, nullable=False),
+    Column("unit_price_cents", BigInteger, nullable=False),
+)
+
+order_history = Table(
+    "order_history",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("order_id", String(32), ForeignKey("orders.id"), nullable=False, index=True),
+    Column("status", String(20), nullable=False),
+    Column("reason", Text),
+    Column("at", DateTime(timezone=True), nullable=False),
+)
+
+# replicas of other services' data, kept from their events
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("email", String(320)),
+    Column("role", String(20)),
+    Column("status", String(20), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+products = Table(
+    "products",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("price_cents", BigInteger, nullable=False),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("user_id", String(64), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("order_id", String(32), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+
+def now() -> datetime:
+    """The current time, in UTC."""
+    return datetime.now(UTC)
+
+
+def cents(amount: Decimal) -> int:
+    """Decimal money to integer cents (money is always two places, so this is exact)."""
+    return int(amount.scaleb(2))
+
+
+def from_cents(value: int) -> Decimal:
+    """Integer cents to Decimal money with two places (``6499950`` -> ``64999.50``)."""
+    return Decimal(value).scaleb(-2)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """One order row, as the saga reads it."""
+
+    id: str
+    user_id: str
+    status: OrderStatus
+    status_reason: str | None
+    currency: str
+    total: Decimal
+    provider: str
+    method: str
+    payment_id: str | None
+    correlation_id: str
+    traceparent: str | None
+    saga_step: SagaStep | None
+    step_attempts: int
+    refund_requested: bool
+
+    @classmethod
+    def from_row(cls, row: Any) -> Order:
+        """Build from a row of ``orders``."""
+        return cls(
+            id=row.id,
+            user_id=row.user_id,
+            status=OrderStatus(row.status),
+            status_reason=row.status_reason,
+            currency=row.currency,
+            total=from_cents(row.total_cents),
+            provider=row.provider,
+            method=row.method,
+            payment_id=row.payment_id,
+            correlation_id=row.correlation_id,
+            traceparent=row.traceparent,
+            saga_step=SagaStep(row.saga_step) if row.saga_step else None,
+            step_attempts=row.step_attempts,
+            refund_requested=row.refund_requested,
+        )
+
+
+async def lock_order(session: AsyncSession, order_id: str) -> Order | None:
+    """Read an order and lock it for this transaction (SQLite locks the whole file)."""
+    query = select(orders).where(orders.c.id == order_id).with_for_update()
+    row = (await session.execute(query)).one_or_none()
+    return Order.from_row(row) if row else None
+
+
+async def insert_order(
+    session: AsyncSession, values: dict[str, Any], lines: Sequence[tuple[str, int, Decimal]]
+) -> None:
+    """Insert an order, its lines and the first history entry."""
+    at = values["created_at"]
+    await session.execute(insert(orders).values(**values))
+    await session.execute(
+        insert(order_items),
+        [
+            {"order_id": values["id"], "product_id": p, "quantity": q, "unit_price_cents": cents(u)}
+            for p, q, u in lines
+        ],
+    )
+    await session.execute(
+        insert(order_history).values(order_id=values["id"], status=values["status"], at=at)
+    )
+
+
+async def update_order(session: AsyncSession, order_id: str, **values: Any) -> None:
+    """Change columns of one order (and its ``updated_at``)."""
+    await session.execute(
+        update(orders).where(orders.c.id == order_id).values(updated_at=now(), **values)
+    )
+
+
+async def record_status(
+    session: AsyncSession, order_id: str, status: OrderStatus, reason: str | None, **values: Any
+) -> None:
+    """Set a new status with its reason, and append it to the history."""
+    at = now()
+    await session.execute(
+        update(orders)
+        .where(orders.c.id == order_id)
+        .values(status=status, status_reason=reason, updated_at=at, **values)
+    )
+    await session.execute(
+        insert(order_history).values(order_id=order_id, status=status, reason=reason, at=at)
+    )
+
+
+async def set_line_prices(session: AsyncSession, order_id: str, prices: dict[str, Decimal]) -> None:
+    """Replace provisional unit prices with the ones stock was reserved at."""
+    for product_id, unit_price in prices.items():
+        await session.execute(
+            update(order_items)
+            .where((order_items.c.order_id == order_id) & (order_items.c.product_id == product_id))
+            .values(unit_price_cents=cents(unit_price))
+        )
+
+
+async def order_lines(session: AsyncSession, order_id: str) -> list[tuple[str, int]]:
+    """``(product_id, quantity)`` of each line."""
+    query = select(order_items.c.product_id, order_items.c.quantity).where(
+        order_items.c.order_id == order_id
+    )
+    return [(row.product_id, row.quantity) for row in await session.execute(query)]
+
+
+async def due_orders(session: AsyncSession, limit: int, skip_locked: bool) -> list[Order]:
+    """Orders whose saga step is overdue, locked for this transaction."""
+    query = (
+        select(orders)
+        .where(orders.c.step_deadline <= now())
+        .order_by(orders.c.step_deadline)
+        .limit(limit)
+        .with_for_update(skip_locked=skip_locked)
+    )
+    return [Order.from_row(row) for row in await session.execute(query)]
+
+
+async def count(session: AsyncSession, query: Any) -> int:
+    """``SELECT count(*)`` of a query."""
+    return int(await session.scalar(select(func.count()).select_from(query.subquery())) or 0)

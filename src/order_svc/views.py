@@ -1,0 +1,112 @@
+"""The order as HTTP shows it, read in three queries whatever the page size."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from datetime import datetime
+from decimal import Decimal
+
+from pydantic import BaseModel
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from order_svc import store
+from order_svc.domain import OrderStatus
+
+
+class OrderLineView(BaseModel):
+    """One line of an order."""
+
+    product_id: str
+    quantity: int
+    unit_price: Decimal
+
+
+class HistoryEntry(BaseModel):
+    """A status the order had, since when, and why."""
+
+    status: OrderStatus
+    at: datetime
+    reason: str | None
+
+
+class OrderView(BaseModel):
+    """An order with its lines and the history of its statuses."""
+
+    id: str
+    user_id: str
+    items: list[OrderLineView]
+    total: Decimal
+    currency: str
+    status: OrderStatus
+    status_reason: str | None
+    payment_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    shipped_at: datetime | None
+    estimated_delivery: datetime | None
+    history: list[HistoryEntry]
+
+
+async def order_views(
+    session: AsyncSession,
+    *,
+    ids: list[str] | None = None,
+    user_id: str | None = None,
+    status: OrderStatus | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[OrderView], int]:
+    """A page of orders (newest first) and how many match in all."""
+    query = select(store.orders)
+    if ids is not None:
+        query = query.where(store.orders.c.id.in_(ids))
+    if user_id is not None:
+        query = query.where(store.orders.c.user_id == user_id)
+    if status is not None:
+        query = query.where(store.orders.c.status == status)
+    total = await store.count(session, query)
+    page = query.order_by(store.orders.c.created_at.desc(), store.orders.c.id).limit(limit)
+    rows = (await session.execute(page.offset(offset))).all()
+    order_ids = [row.id for row in rows]
+    lines: defaultdict[str, list[OrderLineView]] = defaultdict(list)
+    items = select(store.order_items).where(store.order_items.c.order_id.in_(order_ids))
+    for item in await session.execute(items.order_by(store.order_items.c.product_id)):
+        lines[item.order_id].append(
+            OrderLineView(
+                product_id=item.product_id,
+                quantity=item.quantity,
+                unit_price=store.from_cents(item.unit_price_cents),
+            )
+        )
+    history: defaultdict[str, list[HistoryEntry]] = defaultdict(list)
+    entries = select(store.order_history).where(store.order_history.c.order_id.in_(order_ids))
+    for entry in await session.execute(entries.order_by(store.order_history.c.id)):
+        history[entry.order_id].append(
+            HistoryEntry(status=entry.status, at=entry.at, reason=entry.reason)
+        )
+    views = [
+        OrderView(
+            id=row.id,
+            user_id=row.user_id,
+            items=lines[row.id],
+            total=store.from_cents(row.total_cents),
+            currency=row.currency,
+            status=row.status,
+            status_reason=row.status_reason,
+            payment_id=row.payment_id,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            shipped_at=row.shipped_at,
+            estimated_delivery=row.estimated_delivery,
+            history=history[row.id],
+        )
+        for row in rows
+    ]
+    return views, total
+
+
+async def order_view(session: AsyncSession, order_id: str) -> OrderView | None:
+    """One order, or None."""
+    views, _ = await order_views(session, ids=[order_id], limit=1)
+    return views[0] if views else None

@@ -1,0 +1,316 @@
+"""The payment service's tables and the queries on them (SQLAlchemy Core, async)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    MetaData,
+    Select,
+    String,
+    Table,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.types import TypeDecorator
+
+from payment_svc.domain import (
+    Payment,
+    Record,
+    Refund,
+    Transaction,
+    TransactionStatus,
+    TransactionType,
+    money,
+)
+from payment_svc.messages import Fees
+
+R = TypeVar("R", bound=Record)
+
+metadata = MetaData()
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timestamp that reads back in UTC on every backend (SQLite forgets the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Naive (SQLite) values were written in UTC."""
+        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
+
+class Cents(TypeDecorator[Decimal]):
+    """Money: integer cents in the database (exact on SQLite too), two-place Decimal here."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: Decimal | None, dialect: Dialect) -> int | None:
+        """Decimal to cents."""
+        return None if value is None else int(money(value) * 100)
+
+    def process_result_value(self, value: int | None, dialect: Dialect) -> Decimal | None:
+        """Cents to Decimal."""
+        return None if value is None else money(Decimal(value) / 100)
+
+
+payments = Table(
+    "payments",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    # the "one charge per order" rule; payments without an order (NULL) never clash
+    Column("order_id", String(100), unique=True),
+    Column("user_id", String(100), nullable=False),
+    Column("transaction_id", String(40), nullable=False),
+    Column("amount", Cents, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("provider", String(20), nullable=False),
+    Column("payment_method", String(100), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("fee_processing", Cents, nullable=False),
+    Column("fee_net", Cents, nullable=False),
+    Column("refunded_amount", Cents, nullable=False),
+    Column("failure_reason", String(200)),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("processed_at", UtcDateTime),
+)
+Index("payments_by_user", payments.c.user_id, payments.c.created_at)
+
+transactions = Table(
+    "transactions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("payment_id", ForeignKey("payments.id"), nullable=False, index=True),
+    Column("user_id", String(100), nullable=False),
+    Column("type", String(10), nullable=False),
+    Column("status", String(20), nullable=False),
+    Column("amount", Cents, nullable=False),
+    Column("currency", String(3), nullable=False),
+    Column("provider", String(20), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+Index("transactions_by_user", transactions.c.user_id, transactions.c.created_at)
+
+refunds = Table(
+    "refunds",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("payment_id", ForeignKey("payments.id"), nullable=False, index=True),
+    Column("transaction_id", String(40), nullable=False),
+    Column("amount", Cents, nullable=False),
+    Column("reason", String(500), nullable=False),
+    Column("requested_by", String(100), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("user_id", String(100), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("payment_id", String(40), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False, index=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """A client's key for one request, and a fingerprint of that request."""
+
+    user_id: str
+    key: str
+    request_hash: str
+
+
+async def _insert_if_new(session: AsyncSession, table: Table, values: dict[str, Any]) -> bool:
+    """Insert unless a unique key clashes; False when it did.
+
+    On PostgreSQL a clash with an uncommitted row waits for that transaction, so of two
+    concurrent claims exactly one wins and the other then sees the winner's row.
+    """
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    result = await session.execute(insert_(table).values(**values).on_conflict_do_nothing())
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def claim_idempotency_key(
+    session: AsyncSession, key: IdempotencyKey, payment_id: str, now: datetime
+) -> tuple[str, str] | None:
+    """Bind ``key`` to ``payment_id``; if it was bound before, its (request hash, payment id)."""
+    row = {
+        "user_id": key.user_id,
+        "key": key.key,
+        "request_hash": key.request_hash,
+        "payment_id": payment_id,
+        "created_at": now,
+    }
+    if await _insert_if_new(session, idempotency_keys, row):
+        return None
+    query = select(idempotency_keys.c.request_hash, idempotency_keys.c.payment_id).where(
+        idempotency_keys.c.user_id == key.user_id, idempotency_keys.c.key == key.key
+    )
+    seen = (await session.execute(query)).one()
+    return seen.request_hash, seen.payment_id
+
+
+async def forget_idempotency_keys(session: AsyncSession, *, before: datetime) -> int:
+    """Delete keys bound before ``before`` (a retry with one then makes a new payment)."""
+    result = await session.execute(
+        delete(idempotency_keys).where(idempotency_keys.c.created_at < before)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def claim_payment(session: AsyncSession, values: dict[str, Any]) -> bool:
+    """Insert a payment row; False when its order already has one."""
+    return await _insert_if_new(session, payments, values)
+
+
+async def update_payment(session: AsyncSession, payment_id: str, **values: Any) -> None:
+    """Change a payment's columns: the provider's verdict, or its refunded total and status."""
+    await session.execute(update(payments).where(payments.c.id == payment_id).values(**values))
+
+
+async def add_transaction(
+    session: AsyncSession,
+    payment: Payment,
+    *,
+    transaction_id: str,
+    kind: TransactionType,
+    status: TransactionStatus,
+    amount: Decimal,
+    at: datetime,
+) -> None:
+    """Record one provider call on ``payment``: a charge attempt or a refund."""
+    row = insert(transactions).values(
+        id=transaction_id,
+        payment_id=payment.id,
+        user_id=payment.user_id,
+        type=kind,
+        status=status,
+        amount=amount,
+        currency=payment.currency,
+        provider=payment.provider,
+        created_at=at,
+    )
+    await session.execute(row)
+
+
+async def add_refund(session: AsyncSession, **values: Any) -> None:
+    """Record a refund (its payment's totals are updated separately)."""
+    await session.execute(insert(refunds).values(**values))
+
+
+def _payment(row: Any) -> Payment:
+    values = dict(row._mapping)
+    values["fees"] = Fees(processing=values.pop("fee_processing"), net=values.pop("fee_net"))
+    return Payment.model_validate(values)
+
+
+async def get_payment(
+    session: AsyncSession, payment_id: str, *, for_update: bool = False
+) -> Payment | None:
+    """The payment, locked against concurrent refunds when ``for_update``."""
+    return await _one_payment(session, payments.c.id == payment_id, for_update)
+
+
+async def payment_for_order(
+    session: AsyncSession, order_id: str, *, for_update: bool = False
+) -> Payment | None:
+    """The order's payment (there is at most one)."""
+    return await _one_payment(session, payments.c.order_id == order_id, for_update)
+
+
+async def _one_payment(session: AsyncSession, where: Any, for_update: bool) -> Payment | None:
+    query = select(payments).where(where)
+    if for_update:
+        query = query.with_for_update()
+    row = (await session.execute(query)).one_or_none()
+    return None if row is None else _payment(row)
+
+
+async def get_transaction(
+    session: AsyncSession, transaction_id: str, *, owner: str | None
+) -> Transaction | None:
+    """The transaction, if it exists and belongs to ``owner`` (None: anyone's)."""
+    query = select(transactions).where(transactions.c.id == transaction_id)
+    if owner is not None:
+        query = query.where(transactions.c.user_id == owner)
+    row = (await session.execute(query)).one_or_none()
+    return None if row is None else Transaction.model_validate(row)
+
+
+_REFUNDS = select(
+    refunds.c.id,
+    refunds.c.payment_id,
+    payments.c.order_id,
+    refunds.c.transaction_id,
+    refunds.c.amount,
+    payments.c.currency,
+    refunds.c.reason,
+    payments.c.status.label("payment_status"),
+    refunds.c.created_at,
+).join(payments, payments.c.id == refunds.c.payment_id)
+
+
+async def get_refund(session: AsyncSession, refund_id: str) -> Refund | None:
+    """The refund, with its payment's order, currency and current status."""
+    row = (await session.execute(_REFUNDS.where(refunds.c.id == refund_id))).one_or_none()
+    return None if row is None else Refund.model_validate(row)
+
+
+async def latest_refund(session: AsyncSession, payment_id: str) -> Refund | None:
+    """The payment's most recent refund."""
+    query = _REFUNDS.where(refunds.c.payment_id == payment_id)
+    query = query.order_by(refunds.c.created_at.desc(), refunds.c.id.desc()).limit(1)
+    row = (await session.execute(query)).one_or_none()
+    return None if row is None else Refund.model_validate(row)
+
+
+async def list_payments(
+    session: AsyncSession, *, user_id: str | None, limit: int, offset: int
+) -> tuple[list[Payment], int]:
+    """One page of payments, newest first, only ``user_id``'s unless None; and the total."""
+    return await _page(session, payments, user_id, _payment, limit, offset)
+
+
+async def list_transactions(
+    session: AsyncSession, *, user_id: str | None, limit: int, offset: int
+) -> tuple[list[Transaction], int]:
+    """One page of transactions, newest first, only ``user_id``'s unless None; and the total."""
+    return await _page(session, transactions, user_id, Transaction.model_validate, limit, offset)
+
+
+async def _page(
+    session: AsyncSession,
+    table: Table,
+    user_id: str | None,
+    to_record: Callable[[Any], R],
+    limit: int,
+    offset: int,
+) -> tuple[list[R], int]:
+    owned: Sequence[Any] = () if user_id is None else (table.c.user_id == user_id,)
+    total = await session.scalar(select(func.count()).select_from(table).where(*owned))
+    query: Select[Any] = select(table).where(*owned)
+    query = query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit).offset(offset)
+    rows = (await session.execute(query)).all()
+    return [to_record(row) for row in rows], int(total or 0)

@@ -1,0 +1,174 @@
+"""The user service's tables and the queries on them.
+
+Emails are stored normalised (lower case) under a unique constraint, which is what makes
+duplicate registrations fail, also when two arrive at once.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from user_svc.domain import Role, Status, User
+
+metadata = MetaData()
+
+users = Table(
+    "users",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(100), nullable=False),
+    Column("email", String(254), nullable=False, unique=True),
+    Column("password_hash", String(255), nullable=False),
+    Column("role", String(16), nullable=False, index=True),
+    Column("status", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("role IN ('admin', 'manager', 'user')", name="users_role_known"),
+    CheckConstraint("status IN ('active', 'inactive')", name="users_status_known"),
+)
+
+# One row: the Ed25519 key every instance signs with, when none is given in the settings.
+signing_keys = Table(
+    "signing_keys",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("private_key_pem", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+_USER_COLUMNS = [column for column in users.c if column.name != "password_hash"]
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite hands back naive datetimes even for timezone-aware columns
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def _user(row: Any) -> User:
+    return User(
+        id=row.id,
+        name=row.name,
+        email=row.email,
+        role=Role(row.role),
+        status=Status(row.status),
+        created_at=_utc(row.created_at),
+        updated_at=_utc(row.updated_at),
+    )
+
+
+async def add_user(session: AsyncSession, user: User, password_hash: str) -> None:
+    """Insert ``user``; an IntegrityError when its email is taken."""
+    await session.execute(
+        insert(users).values(
+            id=user.id,
+            name=user.name,
+            email=user.email,
+            password_hash=password_hash,
+            role=user.role.value,
+            status=user.status.value,
+            created_at=user.created_at,
+            updated_at=user.updated_at,
+        )
+    )
+
+
+async def get_user(session: AsyncSession, user_id: str, *, for_update: bool = False) -> User | None:
+    """The user with ``user_id``; ``for_update`` locks the row until the transaction ends."""
+    query = select(*_USER_COLUMNS).where(users.c.id == user_id)
+    if for_update:
+        query = query.with_for_update()
+    row = (await session.execute(query)).one_or_none()
+    return _user(row) if row is not None else None
+
+
+async def find_credentials(session: AsyncSession, email: str) -> tuple[User, str] | None:
+    """The user with this (normalised) email and their password hash, for logging in."""
+    query = select(*_USER_COLUMNS, users.c.password_hash).where(users.c.email == email)
+    row = (await session.execute(query)).one_or_none()
+    return (_user(row), row.password_hash) if row is not None else None
+
+
+async def list_users(
+    session: AsyncSession, *, status: Status | None, limit: int, offset: int
+) -> tuple[list[User], int]:
+    """One page of users, oldest first, and how many there are in all."""
+    condition = users.c.status == status.value if status is not None else None
+    query = select(*_USER_COLUMNS).order_by(users.c.created_at, users.c.id)
+    counting = select(func.count()).select_from(users)
+    if condition is not None:
+        query, counting = query.where(condition), counting.where(condition)
+    rows = (await session.execute(query.limit(limit).offset(offset))).all()
+    total = await session.scalar(counting)
+    return [_user(row) for row in rows], int(total or 0)
+
+
+async def save_user(session: AsyncSession, user: User) -> None:
+    """Write the account's fields (not its password); an IntegrityError on a taken email."""
+    await session.execute(
+        update(users)
+        .where(users.c.id == user.id)
+        .values(
+            name=user.name,
+            email=user.email,
+            role=user.role.value,
+            status=user.status.value,
+            updated_at=user.updated_at,
+        )
+    )
+
+
+async def set_password_hash(session: AsyncSession, user_id: str, password_hash: str) -> None:
+    """Replace a user's password hash (after a rehash with stronger parameters)."""
+    await session.execute(
+        update(users).where(users.c.id == user_id).values(password_hash=password_hash)
+    )
+
+
+async def delete_user(session: AsyncSession, user_id: str) -> None:
+    """Delete the user's row."""
+    await session.execute(delete(users).where(users.c.id == user_id))
+
+
+async def admin_exists(session: AsyncSession) -> bool:
+    """True when some account has the admin role."""
+    query = select(users.c.id).where(users.c.role == Role.ADMIN.value).limit(1)
+    return (await session.scalar(query)) is not None
+
+
+async def has_users(session: AsyncSession) -> bool:
+    """True when the users table holds any account."""
+    return (await session.scalar(select(users.c.id).limit(1))) is not None
+
+
+async def first_signing_key(session: AsyncSession, candidate_pem: str) -> str:
+    """The stored signing key's PEM; stores ``candidate_pem`` first when there is none.
+
+    Insert-if-absent, then read back: when instances start together, one insert wins
+    and every instance reads that one.
+    """
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    insert_into = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert_into(signing_keys).values(
+        name="current", private_key_pem=candidate_pem, created_at=datetime.now(UTC)
+    )
+    await session.execute(statement.on_conflict_do_nothing())
+    query = select(signing_keys.c.private_key_pem).where(signing_keys.c.name == "current")
+    return str(await session.scalar(query))

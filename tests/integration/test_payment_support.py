@@ -1,0 +1,131 @@
+"""What the payment service's integration tests share: callers with tokens, an event log.
+
+No tests live here; the name only follows the files this service owns (test_payment_*).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDictProxy
+
+from bus.amqp import AmqpBroker
+from bus.auth import SigningKey, TokenVerifier
+from bus.broker import Delivery
+from bus.envelope import Envelope, MessageRegistry
+from bus.service import Service
+from payment_svc.messages import EVENTS
+from tests.support import eventually
+
+ISSUER = "microshop-user"
+AUDIENCE = "microshop"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer: status, parsed JSON body (None when empty), headers."""
+
+    status: int
+    body: Any
+    headers: CIMultiDictProxy[str]
+
+
+class Tokens:
+    """Mints tokens as the user service would, and the verifier that trusts them."""
+
+    def __init__(self) -> None:
+        self._key = SigningKey.generate()
+        self.verifier = TokenVerifier.from_jwks(self._key.jwks(), issuer=ISSUER, audience=AUDIENCE)
+
+    def mint(self, user_id: str, role: str = "user") -> str:
+        """A bearer token for ``user_id`` with ``role``."""
+        return self._key.mint(subject=user_id, role=role, issuer=ISSUER, audience=AUDIENCE)
+
+
+class PaymentHttp:
+    """The payment service over HTTP, as another process sees it."""
+
+    def __init__(self, service: Service) -> None:
+        self.base_url = service.settings.public_url
+        self._http = aiohttp.ClientSession()
+
+    async def __aenter__(self) -> PaymentHttp:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._http.close()
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: str | None = None,
+        json: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> Answer:
+        """Send one request; the body is sent as JSON when given."""
+        sent = dict(headers or {})
+        if token:
+            sent["Authorization"] = f"Bearer {token}"
+        async with self._http.request(
+            method, f"{self.base_url}{path}", json=json, headers=sent
+        ) as response:
+            text = await response.text()
+            body = await response.json(content_type=None) if text else None
+            return Answer(response.status, body, response.headers)
+
+    async def pay(self, token: str, **fields: Any) -> dict[str, Any]:
+        """Process a stripe ``tok_visa`` payment of 100.00 unless ``fields`` say otherwise."""
+        body = {"amount": "100.00", "provider": "stripe", "payment_method": "tok_visa"} | fields
+        answer = await self.call("POST", "/payments/process", token=token, json=body)
+        assert answer.status == 201, answer.body
+        return dict(answer.body)
+
+    async def attempts(self, provider: str) -> int:
+        """How many times this instance has called ``provider`` (its health window)."""
+        answer = await self.call("GET", "/providers")
+        (listed,) = [item for item in answer.body["items"] if item["name"] == provider]
+        return int(listed["health"]["attempts"])
+
+
+class EventLog:
+    """The payment events seen on the real broker by a watch queue of the test's own."""
+
+    def __init__(self) -> None:
+        self.envelopes: list[Envelope] = []
+
+    @classmethod
+    async def watch(cls, amqp: AmqpBroker, queue: str) -> EventLog:
+        """Bind ``queue`` to the payment events; call it before causing them."""
+        log = cls()
+
+        async def record(delivery: Delivery) -> None:
+            log.envelopes.append(delivery.envelope)
+
+        # the events only: binding payment.* would also take the commands meant for the service
+        types = [event.type for event in EVENTS]
+        await amqp.consume(queue, types, record, MessageRegistry(EVENTS))
+        return log
+
+    def about(self, event_type: str, **data: Any) -> list[Envelope]:
+        """The ``event_type`` events whose data has ``data`` (other tests share the broker)."""
+        return [
+            envelope
+            for envelope in self.envelopes
+            if envelope.type == event_type
+            and all(envelope.data.get(name) == value for name, value in data.items())
+        ]
+
+    async def wait_for(self, event_type: str, count: int = 1, **data: Any) -> list[Envelope]:
+        """Wait, with a deadline, until ``count`` such events arrived; return them all."""
+        await eventually(lambda: len(self.about(event_type, **data)) >= count)
+        return self.about(event_type, **data)

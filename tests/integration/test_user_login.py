@@ -1,0 +1,130 @@
+"""Logging in on the real broker and PostgreSQL: tokens, the JWKS, refusals, throttling."""
+
+from __future__ import annotations
+
+import pytest
+
+import user_svc.app
+from bus.amqp import AmqpBroker
+from bus.auth import SigningKey, TokenVerifier
+from tests.integration.conftest import ServiceStarter
+from tests.integration.test_user_support import (
+    ADMIN_PASSWORD,
+    ADMIN_SETTINGS,
+    AUDIENCE,
+    ISSUER,
+    EventLog,
+    UserHttp,
+)
+
+pytestmark = pytest.mark.integration
+
+
+async def test_a_login_token_opens_auth_me_and_verifies_with_the_published_jwks(
+    run_service: ServiceStarter,
+) -> None:
+    service = await run_service(user_svc.app)
+    async with UserHttp(service.settings.public_url) as users:
+        account = await users.register("Gina", "gina@example.com", "password-1")
+        login = await users.call(
+            "POST", "/auth/login", json={"email": "GINA@example.com", "password": "password-1"}
+        )
+        me = await users.call("GET", "/auth/me", token=login.body["access_token"])
+        jwks = await users.call("GET", "/.well-known/jwks.json")
+
+    assert login.status == 200
+    assert login.body["token_type"] == "bearer"
+    assert login.body["expires_in"] == 3600
+    assert me.status == 200
+    assert me.body == account
+    # what any other service does: verify with nothing but the published key set
+    verifier = TokenVerifier.from_jwks(jwks.body, issuer=ISSUER, audience=AUDIENCE)
+    caller = await verifier.verify(login.body["access_token"])
+    assert (caller.user_id, caller.role, caller.email) == (account["id"], "user", account["email"])
+
+
+async def test_wrong_password_and_unknown_email_get_the_same_401(
+    run_service: ServiceStarter,
+) -> None:
+    service = await run_service(user_svc.app)
+    async with UserHttp(service.settings.public_url) as users:
+        await users.register("Hank", "hank@example.com", "password-1")
+        wrong_password = await users.call(
+            "POST", "/auth/login", json={"email": "hank@example.com", "password": "password-2"}
+        )
+        unknown_email = await users.call(
+            "POST", "/auth/login", json={"email": "nobody@example.com", "password": "password-1"}
+        )
+
+    assert wrong_password.status == unknown_email.status == 401
+    assert wrong_password.body == unknown_email.body
+    assert wrong_password.body["detail"] == "invalid email or password"
+
+
+async def test_repeated_failures_for_an_email_are_throttled_with_429(
+    run_service: ServiceStarter,
+) -> None:
+    service = await run_service(user_svc.app)
+    async with UserHttp(service.settings.public_url) as users:
+        await users.register("Ivy", "ivy@example.com", "password-1")
+        await users.register("Jack", "jack@example.com", "password-1")
+        wrong = {"email": "ivy@example.com", "password": "guess-guess"}
+        failures = [(await users.call("POST", "/auth/login", json=wrong)).status for _ in range(5)]
+        throttled = await users.call(
+            "POST", "/auth/login", json={"email": "IVY@example.com", "password": "password-1"}
+        )
+        other_email = await users.call(
+            "POST", "/auth/login", json={"email": "jack@example.com", "password": "password-1"}
+        )
+
+    assert failures == [401] * 5
+    assert throttled.status == 429  # even with the right password: the email is locked
+    assert throttled.headers["Content-Type"].startswith("application/problem+json")
+    assert 0 < int(throttled.headers["Retry-After"]) <= 300
+    assert other_email.status == 200
+
+
+async def test_a_deactivated_user_cannot_log_in_or_use_their_token_until_activated(
+    run_service: ServiceStarter, amqp: AmqpBroker, unique: str
+) -> None:
+    events = await EventLog.watch(amqp, unique)
+    service = await run_service(user_svc.app, settings=ADMIN_SETTINGS)
+    async with UserHttp(service.settings.public_url) as users:
+        admin = await users.login(ADMIN_SETTINGS["admin_email"], ADMIN_PASSWORD)
+        kim = await users.register("Kim", "kim@example.com", "password-1")
+        token = await users.login("kim@example.com", "password-1")
+
+        deactivated = await users.call("POST", f"/users/{kim['id']}/deactivate", token=admin)
+        login = await users.call(
+            "POST", "/auth/login", json={"email": "kim@example.com", "password": "password-1"}
+        )
+        me = await users.call("GET", "/auth/me", token=token)
+        activated = await users.call("POST", f"/users/{kim['id']}/activate", token=admin)
+        await users.login("kim@example.com", "password-1")
+
+    assert deactivated.status == 200
+    assert deactivated.body["status"] == "inactive"
+    assert login.status == 401
+    assert login.body["detail"] == "invalid email or password"  # as for a wrong password
+    assert me.status == 401
+    assert activated.body["status"] == "active"
+    assert (await events.wait_for("user.deactivated", kim["id"])).data["status"] == "inactive"
+    assert (await events.wait_for("user.activated", kim["id"])).data["status"] == "active"
+
+
+async def test_the_service_signs_with_the_configured_key_and_refuses_tokens_of_unknown_users(
+    run_service: ServiceStarter,
+) -> None:
+    key = SigningKey.generate()
+    settings = {"jwt_private_key": key.to_pem().decode()}
+    service = await run_service(user_svc.app, settings=settings)
+    stranger = key.mint(subject="no-such-user", role="admin", issuer=ISSUER, audience=AUDIENCE)
+    async with UserHttp(service.settings.public_url) as users:
+        jwks = await users.call("GET", "/.well-known/jwks.json")
+        me = await users.call("GET", "/auth/me", token=stranger)
+        listing = await users.call("GET", "/users", token=stranger)
+
+    assert jwks.body == key.jwks()
+    assert jwks.headers["Cache-Control"] == "public, max-age=300"
+    assert me.status == 401  # well signed, but no such account
+    assert listing.status == 401

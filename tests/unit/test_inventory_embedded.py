@@ -1,0 +1,77 @@
+"""The inventory as ``microshop demo`` runs it: the in-process broker and SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+from bus.auth import SigningKey, TokenVerifier
+from bus.broker import Delivery
+from bus.envelope import Envelope, Message, MessageRegistry
+from bus.memory import MemoryBroker
+from inventory_svc import app
+from inventory_svc.messages import (
+    EVENTS,
+    LineItem,
+    StockCommit,
+    StockRelease,
+    StockReserve,
+)
+from tests.support import eventually, free_port
+
+
+async def test_reserve_commit_and_expiry_work_on_sqlite_with_the_demo_catalogue(
+    tmp_path: Path,
+) -> None:
+    broker = MemoryBroker()
+    settings = app.Settings(
+        port=free_port(),
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/inventory.db",
+        demo_data=True,
+        reservation_ttl=0.5,  # kept is committed well within it
+        heartbeat_seconds=60,
+    )
+    key = SigningKey.generate()
+    verifier = TokenVerifier.from_jwks(key.jwks(), issuer="microshop-user", audience="microshop")
+    service = app.build(settings, verifier=verifier, broker=broker)
+    heard: list[Envelope] = []
+
+    async def record(delivery: Delivery) -> None:
+        heard.append(delivery.envelope)
+
+    def answers(order_id: str) -> list[str]:
+        return [e.type for e in heard if e.data.get("order_id") == order_id]
+
+    async def send(command: Message) -> None:
+        await broker.publish(Envelope.wrap(command, source="/tests"))
+
+    await broker.connect()
+    await broker.consume("watch", ["stock.*", "product.*"], record, MessageRegistry(EVENTS))
+    await service.start()
+    try:
+        two_laptops = [LineItem(product_id="laptop", quantity=2)]
+        await send(StockReserve(order_id="kept", items=two_laptops))
+        await send(
+            StockReserve(order_id="greedy", items=[LineItem(product_id="laptop", quantity=9)])
+        )
+        await send(StockReserve(order_id="forgotten", items=two_laptops))
+        await eventually(lambda: bool(answers("kept") and answers("forgotten")))
+        await send(StockCommit(order_id="kept"))
+        await eventually(lambda: "stock.released" in answers("forgotten"))  # expired
+        await send(StockRelease(order_id="never-seen"))
+        await eventually(lambda: bool(answers("never-seen")))
+
+        url = f"{settings.public_url}/products/laptop"
+        async with aiohttp.ClientSession() as http, http.get(url) as response:
+            laptop = await response.json()
+    finally:
+        await service.stop()
+        await broker.close()
+
+    assert answers("kept") == ["stock.reserved", "stock.committed"]
+    assert answers("greedy") == ["stock.rejected"]
+    assert answers("forgotten") == ["stock.reserved", "stock.released"]
+    assert answers("never-seen") == ["stock.released"]
+    assert (laptop["stock"], laptop["reserved"], laptop["available"]) == (3, 0, 3)
+    assert len([e for e in heard if e.type == "product.created"]) == 5
