@@ -12,7 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, event, text
+from sqlalchemy import MetaData, Table, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -110,6 +111,17 @@ class Database:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
+
+
+def insert_for(session: AsyncSession, table: Table) -> Any:
+    """An ``INSERT`` for ``table`` that knows ``ON CONFLICT`` on this session's database.
+
+    Both PostgreSQL and SQLite have ``on_conflict_do_nothing()`` and
+    ``on_conflict_do_update()``; on PostgreSQL a conflict with an uncommitted row waits
+    for that transaction, so of two concurrent inserts exactly one wins.
+    """
+    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def _serialise_sqlite_writers(engine: AsyncEngine) -> None:

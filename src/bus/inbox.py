@@ -13,11 +13,10 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from prometheus_client import Counter
 from sqlalchemy import Column, DateTime, String, Table, delete
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bus.broker import Delivery, Handler
-from bus.db import BUS_METADATA
+from bus.db import BUS_METADATA, insert_for
 from bus.outbox import Transactions, UnitOfWork
 
 log = structlog.get_logger("bus.inbox")
@@ -43,9 +42,7 @@ async def claim(session: AsyncSession, consumer: str, message_id: str) -> bool:
     ``ON CONFLICT DO NOTHING`` keeps the transaction usable on a duplicate, and on
     PostgreSQL a concurrent copy waits on the key until the first commits.
     """
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(inbox_table).values(
+    statement = insert_for(session, inbox_table).values(
         consumer=consumer, message_id=message_id, processed_at=datetime.now(UTC)
     )
     result = await session.execute(statement.on_conflict_do_nothing())

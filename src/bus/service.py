@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
+from aiormq.exceptions import AMQPError
 
 from bus.amqp import AmqpBroker
 from bus.auth import TokenVerifier
@@ -29,6 +30,7 @@ from bus.memory import MemoryBroker
 from bus.messages import ServiceHeartbeat, ServiceStopped
 from bus.observability import configure_logging, configure_tracing
 from bus.outbox import OutboxRelay, Transactions, UnitOfWork
+from bus.resilience import retry_call
 from bus.settings import Settings
 from bus.web import TRANSACTIONS, Api, Health, create_app
 
@@ -118,8 +120,18 @@ class Service:
         self.relay.start()
         if self.handlers:
             dispatch = idempotent(self.transactions, self.name, self._dispatch)
-            self._consumer = await self.broker.consume(
-                settings_queue(self.settings), sorted(self.handlers), dispatch, self.registry
+            # a connection closed under us while declaring (a broker restart, an operator's
+            # close_all_connections) is worth a few more tries before giving up the start
+            self._consumer = await retry_call(
+                self.broker.consume,
+                settings_queue(self.settings),
+                sorted(self.handlers),
+                dispatch,
+                self.registry,
+                attempts=5,
+                initial=0.5,
+                maximum=3.0,
+                retry_on=(BrokerUnavailable, ConnectionError, RuntimeError, AMQPError),
             )
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()

@@ -29,9 +29,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bus.db import insert_for
 from inventory_svc.domain import ReservationStatus, StockDelta
 
 metadata = MetaData()
@@ -154,9 +154,7 @@ def utc(moment: datetime) -> datetime:
 
 def _insert_or_skip(session: AsyncSession, table: Table) -> Any:
     # ON CONFLICT DO NOTHING: a concurrent twin waits on the key instead of failing
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    statement = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-    return statement.on_conflict_do_nothing()
+    return insert_for(session, table).on_conflict_do_nothing()
 
 
 # --- products -------------------------------------------------------------------------------

@@ -10,9 +10,9 @@ from typing import Any
 import aiohttp
 import structlog
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bus.db import insert_for
 from bus.resilience import CircuitBreaker, retry_call
 from order_svc import store
 
@@ -37,9 +37,7 @@ class KnownProduct:
 
 
 def _upsert(session: AsyncSession, table: Any, values: dict[str, Any]) -> Any:
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(table).values(**values)
+    statement = insert_for(session, table).values(**values)
     changes = {key: value for key, value in values.items() if key != "id"}
     return statement.on_conflict_do_update(index_elements=["id"], set_=changes)
 

@@ -25,10 +25,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.types import TypeDecorator
 
+from bus.db import insert_for
 from payment_svc.domain import (
     Payment,
     Record,
@@ -146,9 +146,8 @@ async def _insert_if_new(session: AsyncSession, table: Table, values: dict[str, 
     On PostgreSQL a clash with an uncommitted row waits for that transaction, so of two
     concurrent claims exactly one wins and the other then sees the winner's row.
     """
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert_ = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    result = await session.execute(insert_(table).values(**values).on_conflict_do_nothing())
+    statement = insert_for(session, table).values(**values).on_conflict_do_nothing()
+    result = await session.execute(statement)
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 

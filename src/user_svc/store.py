@@ -23,9 +23,9 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bus.db import insert_for
 from user_svc.domain import Role, Status, User
 
 metadata = MetaData()
@@ -164,9 +164,7 @@ async def first_signing_key(session: AsyncSession, candidate_pem: str) -> str:
     Insert-if-absent, then read back: when instances start together, one insert wins
     and every instance reads that one.
     """
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    insert_into = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert_into(signing_keys).values(
+    statement = insert_for(session, signing_keys).values(
         name="current", private_key_pem=candidate_pem, created_at=datetime.now(UTC)
     )
     await session.execute(statement.on_conflict_do_nothing())
