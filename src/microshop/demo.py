@@ -1,4 +1,4 @@
-"""``microshop demo``: every service in one process, no broker or database server needed.
+"""``microshop demo``: the gateway and every service in one process, no servers needed.
 
 The services share the in-process broker (``memory://demo``) and keep their data in SQLite
 files in a temporary folder, with the demo users and catalogue loaded. ``--once`` places a
@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 
 from bus.observability import configure_logging
-from bus.service import Service
+from bus.service import Runnable
 from bus.settings import DEFAULT_PORTS
 
 SERVICES = ("user", "inventory", "payment", "order")
@@ -62,11 +62,23 @@ SCENARIOS = (
 )
 
 
-def build_services(workdir: Path) -> list[Service]:
-    """Each service with demo data, SQLite in ``workdir``, and one shared broker."""
+def build_services(workdir: Path) -> list[Runnable]:
+    """The gateway, then each service with demo data, SQLite in ``workdir``, one broker.
+
+    The gateway starts first so that it hears every service's first heartbeat.
+    """
     broker_url = os.environ.get("MICROSHOP_BROKER_URL") or "memory://demo"
     user_url = f"http://127.0.0.1:{DEFAULT_PORTS['user']}"
-    services = []
+    import gateway.app
+
+    gateway_settings = gateway.app.Settings(
+        service="gateway",
+        port=DEFAULT_PORTS["gateway"],
+        broker_url=broker_url,
+        jwks_url=f"{user_url}/.well-known/jwks.json",
+        log_json=False,
+    )
+    services: list[Runnable] = [gateway.app.build(gateway_settings)]
     for name in SERVICES:
         module = importlib.import_module(f"{name}_svc.app")
         fields = module.Settings.model_fields
@@ -89,7 +101,7 @@ async def run_demo(once: bool) -> int:
     configure_logging("demo", level=os.environ.get("MICROSHOP_LOG_LEVEL", "WARNING"), json=False)
     with tempfile.TemporaryDirectory(prefix="microshop-demo-") as workdir:
         services = build_services(Path(workdir))
-        started: list[Service] = []
+        started: list[Runnable] = []
         try:
             for service in services:
                 await service.start()
@@ -114,7 +126,7 @@ async def _until_signalled() -> None:
     await stop.wait()
 
 
-async def play(services: list[Service]) -> int:
+async def play(services: list[Runnable]) -> int:
     """Place each scenario's order over HTTP, follow it to its end, print a table."""
     urls = {service.name: service.settings.public_url for service in services}
     from user_svc.app import DEMO_PASSWORD

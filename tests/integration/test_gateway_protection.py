@@ -1,0 +1,281 @@
+"""The edge's protections, against a small upstream that shows what reached it.
+
+The upstream stands in for a service only where a real one could not show the point: the
+headers it received, an answer that is slow, large or streamed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from bus.auth import SigningKey, TokenVerifier
+from gateway.app import Gateway
+from tests.conftest import RabbitAdmin
+from tests.integration.test_gateway_support import AUDIENCE, ISSUER, Caller, Gateways
+from tests.support import eventually, free_port
+
+pytestmark = pytest.mark.integration
+
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+BIG = [{"id": f"item-{n}", "name": "a product with a long enough name", "n": n} for n in range(200)]
+
+
+class Upstream:
+    """An HTTP server standing in for the order service: it records what it was sent."""
+
+    def __init__(self) -> None:
+        self.received: list[dict[str, Any]] = []
+        self.release_stream = asyncio.Event()
+        self.url = ""
+        app = web.Application()
+        app.router.add_get("/health/ready", self.ready)
+        app.router.add_route("*", "/orders/echo", self.echo)
+        app.router.add_get("/orders/big", self.big)
+        app.router.add_get("/orders/slow", self.slow)
+        app.router.add_get("/orders/stream", self.stream)
+        self.runner = web.AppRunner(app)
+
+    async def start(self) -> str:
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def ready(self, _: web.Request) -> web.Response:
+        return web.json_response({"status": "ready"})
+
+    async def echo(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.received.append({"headers": dict(request.headers), "body_bytes": len(body)})
+        return web.json_response({"headers": dict(request.headers)})
+
+    async def big(self, _: web.Request) -> web.Response:
+        return web.json_response(BIG)
+
+    async def slow(self, _: web.Request) -> web.Response:
+        await asyncio.sleep(5)
+        return web.json_response({"late": True})
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        await response.prepare(request)
+        await response.write(b"first;")
+        await self.release_stream.wait()  # only once the client has the first part
+        await response.write(b"second")
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Upstream]:
+    server = Upstream()
+    await server.start()
+    yield server
+    server.release_stream.set()
+    await server.runner.cleanup()
+
+
+@pytest.fixture
+async def gateways(rabbit: RabbitAdmin, unique: str) -> AsyncIterator[Gateways]:
+    async with Gateways(rabbit.url, unique) as started:
+        yield started
+
+
+KEY = SigningKey.generate()
+VERIFIER = TokenVerifier.from_jwks(KEY.jwks(), issuer=ISSUER, audience=AUDIENCE)
+TOKEN = KEY.mint(subject="u-1", role="user", issuer=ISSUER, audience=AUDIENCE)
+
+
+async def gateway_before(upstream: Upstream, gateways: Gateways, **settings: Any) -> Gateway:
+    gateway = await gateways.start(
+        verifier=VERIFIER, upstreams=(("order", upstream.url),), **settings
+    )
+    await eventually(lambda: gateway.balancer.pick("order") is not None)
+    return gateway
+
+
+async def test_security_headers_and_request_ids_on_every_answer(
+    upstream: Upstream, gateways: Gateways
+) -> None:
+    gateway = await gateway_before(upstream, gateways)
+    async with Caller(gateway.settings.public_url) as caller:
+        answers = {
+            "proxied": await caller.call("GET", "/orders/echo", token=TOKEN),
+            "own": await caller.call("GET", "/status"),
+            "unauthenticated": await caller.call("GET", "/orders/echo"),
+            "unknown": await caller.call("GET", "/nowhere"),
+            "no instance": await caller.call("GET", "/providers"),
+        }
+        given = await caller.call(
+            "GET", "/orders/echo", token=TOKEN, headers={"X-Request-ID": "req-42"}
+        )
+    assert [a.status for a in answers.values()] == [200, 200, 401, 404, 503]
+    for what, answer in answers.items():
+        for name, value in SECURITY_HEADERS.items():
+            assert answer.headers.get(name) == value, (what, name)
+        assert "frame-ancestors 'none'" in answer.headers["Content-Security-Policy"], what
+        assert len(answer.headers["X-Request-ID"]) == 32, what
+        assert answer.headers["Server"] == "microshop-gateway", what
+    generated = answers["proxied"].headers["X-Request-ID"]
+    assert upstream.received[0]["headers"]["X-Request-ID"] == generated
+    assert given.headers["X-Request-ID"] == "req-42"
+    assert upstream.received[1]["headers"]["X-Request-ID"] == "req-42"
+
+
+async def test_forwarded_headers_are_set_and_hop_by_hop_ones_dropped(
+    upstream: Upstream, gateways: Gateways
+) -> None:
+    gateway = await gateway_before(upstream, gateways)
+    async with Caller(gateway.settings.public_url) as caller:
+        answer = await caller.call(
+            "GET",
+            "/orders/echo",
+            token=TOKEN,
+            headers={
+                "X-Forwarded-For": "203.0.113.9",
+                "Connection": "keep-alive, X-Secret",
+                "X-Secret": "for the gateway only",
+                "Proxy-Authorization": "Basic c2VjcmV0",
+                "X-Kept": "yes",
+            },
+        )
+    assert answer.status == 200
+    seen = upstream.received[0]["headers"]
+    assert seen["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+    assert seen["X-Forwarded-Proto"] == "http"
+    assert seen["X-Forwarded-Host"] == f"127.0.0.1:{gateway.settings.listen_port}"
+    assert seen["Authorization"] == f"Bearer {TOKEN}"  # services check tokens too
+    assert seen["X-Kept"] == "yes"
+    assert "X-Secret" not in seen
+    assert "Proxy-Authorization" not in seen
+    assert seen["traceparent"].startswith("00-")
+
+
+async def test_large_answers_are_gzipped_for_clients_that_accept_it(
+    upstream: Upstream, gateways: Gateways
+) -> None:
+    gateway = await gateway_before(upstream, gateways)
+    url = f"{gateway.settings.public_url}/orders/big"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession(auto_decompress=False) as http:
+        async with http.get(url, headers={**auth, "Accept-Encoding": "gzip"}) as response:
+            assert response.headers["Content-Encoding"] == "gzip"
+            assert response.headers["Vary"] == "Accept-Encoding"
+            packed = await response.read()
+        async with http.get(url, headers={**auth, "Accept-Encoding": "identity"}) as response:
+            assert "Content-Encoding" not in response.headers
+            plain = await response.read()
+        small = f"{gateway.settings.public_url}/orders/echo"
+        async with http.get(small, headers={**auth, "Accept-Encoding": "gzip"}) as response:
+            assert "Content-Encoding" not in response.headers  # too small to be worth it
+    assert gzip.decompress(packed) == plain
+    assert len(packed) < len(plain) / 4
+
+
+async def test_bodies_over_the_limit_get_413_and_never_reach_the_service(
+    upstream: Upstream, gateways: Gateways
+) -> None:
+    gateway = await gateway_before(upstream, gateways, max_body_bytes=1024)
+    url = f"{gateway.settings.public_url}/orders/echo"
+    auth = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/octet-stream"}
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        for _ in range(4096):  # 256 MiB, if anyone read it all
+            sent += 65536
+            yield b"x" * 65536
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=b"x" * 1024, headers=auth) as response:
+            assert response.status == 200  # at the limit is fine
+        async with http.post(url, data=b"x" * 1025, headers=auth) as response:
+            assert response.status == 413
+            assert response.headers["Content-Type"] == "application/problem+json"
+            assert (await response.json())["max_bytes"] == 1024
+        try:
+            async with http.post(url, data=endless(), headers=auth) as response:
+                assert response.status == 413  # chunked: refused past the limit
+        except aiohttp.ClientError:
+            pass  # or the gateway closed the connection while we were still sending
+    assert [r["body_bytes"] for r in upstream.received] == [1024]
+    assert sent < 64 * 2**20
+
+
+async def test_too_many_requests_get_429_with_retry_after(
+    upstream: Upstream, gateways: Gateways
+) -> None:
+    gateway = await gateway_before(
+        upstream, gateways, rate_limit_rps=0.5, rate_limit_burst=3, login_rate_limit_burst=2
+    )
+    async with Caller(gateway.settings.public_url) as caller:
+        statuses = [
+            (await caller.call("GET", "/orders/echo", token=TOKEN)).status for _ in range(4)
+        ]
+        limited = await caller.call("GET", "/orders/echo", token=TOKEN)
+        logins = [
+            (await caller.call("POST", "/auth/login", json={"email": "a", "password": "b"})).status
+            for _ in range(3)
+        ]
+    assert statuses == [200, 200, 200, 429]
+    assert limited.status == 429
+    assert limited.headers["Content-Type"] == "application/problem+json"
+    assert int(limited.headers["Retry-After"]) >= 1
+    # logins have their own, stricter bucket (no user service here: 503 until limited)
+    assert logins == [503, 503, 429]
+
+
+async def test_a_slow_service_is_cut_at_the_timeout_with_504(
+    upstream: Upstream, gateways: Gateways
+) -> None:
+    gateway = await gateway_before(upstream, gateways, timeout_seconds=0.5)
+    async with Caller(gateway.settings.public_url) as caller:
+        started = time.monotonic()
+        answer = await caller.call("GET", "/orders/slow", token=TOKEN)
+        waited = time.monotonic() - started
+    assert answer.status == 504
+    assert answer.headers["Content-Type"] == "application/problem+json"
+    assert 0.5 <= waited < 1.5
+
+
+async def test_answers_are_streamed_not_buffered(upstream: Upstream, gateways: Gateways) -> None:
+    gateway = await gateway_before(upstream, gateways)
+    url = f"{gateway.settings.public_url}/orders/stream"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with aiohttp.ClientSession() as http, http.get(url, headers=auth) as response:
+        async with asyncio.timeout(5):
+            first = await response.content.readexactly(len(b"first;"))
+        upstream.release_stream.set()
+        rest = await response.content.read()
+    assert first + rest == b"first;second"
+
+
+async def test_a_service_with_no_instance_answers_503_at_once(
+    upstream: Upstream, gateways: Gateways
+) -> None:
+    gateway = await gateway_before(upstream, gateways)
+    async with Caller(gateway.settings.public_url) as caller:
+        started = time.monotonic()
+        answer = await caller.call("GET", "/providers")
+        waited = time.monotonic() - started
+        health = await caller.call("GET", "/health")
+    assert answer.status == 503
+    assert answer.body["detail"] == "no healthy instance of the payment service"
+    assert answer.headers["Retry-After"] == "1"
+    assert waited < 0.2
+    assert health.status == 503
+    assert health.body["down"] == ["inventory", "payment", "user"]

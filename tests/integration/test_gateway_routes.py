@@ -1,0 +1,143 @@
+"""Every route through the gateway, to the real services on RabbitMQ and PostgreSQL."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tests.conftest import RabbitAdmin
+from tests.integration.conftest import ServiceStarter
+from tests.integration.test_gateway_support import (
+    ALICE,
+    BOB,
+    Caller,
+    Gateways,
+    place_order,
+    start_system,
+    wait_for_order,
+)
+
+pytestmark = pytest.mark.integration
+
+
+# Tests name this fixture before run_service, so it is set up first and torn down last:
+# the services stop while the exchange they announce their goodbyes on still exists.
+@pytest.fixture
+async def gateways(rabbit: RabbitAdmin, unique: str) -> AsyncIterator[Gateways]:
+    async with Gateways(rabbit.url, unique) as started:
+        yield started
+
+
+async def test_every_route_reaches_its_service(
+    gateways: Gateways, run_service: ServiceStarter, unique: str
+) -> None:
+    system = await start_system(run_service, gateways, unique)
+    async with Caller(system.url) as caller:
+        # user: registration and login are public, the rest needs a token
+        email = f"{uuid.uuid4().hex[:8]}@example.com"
+        registered = await caller.call(
+            "POST", "/users", json={"name": "Dana", "email": email, "password": "long-password-1"}
+        )
+        assert registered.status == 201, registered.body
+        token = await caller.login(email, "long-password-1")
+        me = await caller.call("GET", "/auth/me", token=token)
+        assert me.body["email"] == email
+        assert (await caller.call("GET", "/.well-known/jwks.json")).body["keys"]
+        users = await caller.call("GET", "/users?limit=200", as_user=ALICE)
+        assert email in {user["email"] for user in users.body["items"]}
+        assert (await caller.call("GET", f"/users/{me.body['id']}", as_user=ALICE)).status == 200
+
+        # inventory: the catalogue is public, stock and reservations are staff's
+        products = await caller.call("GET", "/products")
+        assert {p["id"] for p in products.body["items"]} >= {"laptop", "mouse"}
+        assert (await caller.call("GET", "/products/laptop")).body["price"] == "1299.99"
+        assert (await caller.call("GET", "/inventory", as_user=ALICE)).body["total"] >= 5
+
+        # payment: providers are public
+        providers = await caller.call("GET", "/providers")
+        assert "stripe" in {p["name"] for p in providers.body["items"]}
+
+        # an order's saga, then what it left in every service
+        order_id = await place_order(caller, BOB)
+        order = await wait_for_order(caller, order_id, BOB, "confirmed")
+        assert order_id in {
+            o["id"] for o in (await caller.call("GET", "/orders", as_user=BOB)).body["items"]
+        }
+        reservation = await caller.call("GET", f"/reservations/{order_id}", as_user=ALICE)
+        assert reservation.status == 200, reservation.body
+        payments = await caller.call("GET", "/payments?limit=200", as_user=BOB)
+        (payment,) = [p for p in payments.body["items"] if p["order_id"] == order_id]
+        one = await caller.call("GET", f"/payments/{payment['id']}", as_user=BOB)
+        assert one.body["amount"] == order.body["total"]
+        transactions = await caller.call("GET", "/transactions?limit=200", as_user=BOB)
+        assert payment["transaction_id"] in {t["id"] for t in transactions.body["items"]}
+        transaction = await caller.call(
+            "GET", f"/transactions/{payment['transaction_id']}", as_user=BOB
+        )
+        assert transaction.status == 200
+        refund = await caller.call(
+            "POST", "/refunds", as_user=ALICE, json={"payment_id": payment["id"], "reason": "test"}
+        )
+        assert refund.status == 201, refund.body
+
+
+async def test_gateway_describes_itself_and_the_system(
+    gateways: Gateways, run_service: ServiceStarter, unique: str
+) -> None:
+    system = await start_system(run_service, gateways, unique)
+    async with Caller(system.url) as caller:
+        info = await caller.call("GET", "/")
+        assert info.body["routes"]["/refunds"] == "payment"
+        assert info.body["routes"]["/reservations"] == "inventory"
+
+        health = await caller.call("GET", "/health")
+        assert health.status == 200, health.body
+        assert health.body["down"] == []
+        assert set(health.body["services"]) == {"user", "inventory", "payment", "order"}
+
+        status = await caller.call("GET", "/status")
+        (instance,) = status.body["services"]["order"]["instances"]
+        assert instance["url"] == system.services["order"].settings.public_url
+        assert instance["instance_id"] == system.services["order"].instance_id
+        assert instance["state"] == "healthy"
+        assert instance["breaker"] == "closed"
+        assert instance["last_check"] is not None
+
+        document = await caller.call("GET", "/openapi.json")
+        assert document.body.get("x-unavailable") is None
+        paths = document.body["paths"]
+        for path in ("/users", "/auth/login", "/orders/{order_id}", "/products", "/refunds"):
+            assert path in paths
+        assert "/health" not in paths  # the services' own plumbing is not routed
+        assert paths["/orders"]["post"]["tags"] == ["order"]
+
+        docs = await caller.call("GET", "/docs")
+        assert docs.status == 200
+        assert docs.headers["Content-Type"].startswith("text/html")
+        assert "script-src 'sha256-" in docs.headers["Content-Security-Policy"]
+
+        await caller.call("GET", "/products")
+        metrics = await caller.call("GET", "/metrics")
+        assert 'microshop_http_requests_total{method="GET",route="/products"' in metrics.body
+
+
+async def test_one_user_cannot_read_another_users_order_or_payment(
+    gateways: Gateways, run_service: ServiceStarter, unique: str
+) -> None:
+    system = await start_system(run_service, gateways, unique)
+    async with Caller(system.url) as caller:
+        order_id = await place_order(caller, ALICE)
+        await wait_for_order(caller, order_id, ALICE, "confirmed")
+        payments = await caller.call("GET", "/payments?limit=200", as_user=ALICE)
+        (payment,) = [p for p in payments.body["items"] if p["order_id"] == order_id]
+
+        assert (await caller.call("GET", f"/orders/{order_id}", as_user=BOB)).status == 404
+        assert (await caller.call("GET", f"/payments/{payment['id']}", as_user=BOB)).status == 404
+        theirs = f"/transactions/{payment['transaction_id']}"
+        assert (await caller.call("GET", theirs, as_user=BOB)).status == 404
+        listed = await caller.call("GET", "/orders?limit=200", as_user=BOB)
+        assert order_id not in {o["id"] for o in listed.body["items"]}
+        cancel = await caller.call("POST", f"/orders/{order_id}/cancel", as_user=BOB, json={})
+        assert cancel.status == 404
