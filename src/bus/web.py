@@ -61,6 +61,7 @@ __all__ = [
     "json_response",
     "page_params",
     "principal",
+    "problem_middleware",
     "problem_response",
 ]
 
@@ -182,7 +183,8 @@ async def _measure(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer whatever a handler raised as problem+json; never a traceback."""
     try:
         return await handler(request)
     except HttpProblem as problem:
@@ -221,7 +223,7 @@ def create_app(
         # Fail at startup, not on the first authenticated request.
         raise ValueError("the api has protected routes but no TokenVerifier was given")
     app = web.Application(
-        middlewares=[_request_context, _tracing, _measure, _errors],
+        middlewares=[_request_context, _tracing, _measure, problem_middleware],
         client_max_size=client_max_size,
     )
     app[SETTINGS] = settings

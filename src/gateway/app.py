@@ -23,7 +23,7 @@ from bus.broker import Broker, Consumer, Delivery
 from bus.messages import BUS_MESSAGES, ServiceHeartbeat, ServiceStopped
 from bus.observability import configure_tracing
 from bus.service import broker_from_settings, token_verifier
-from bus.web import _errors
+from bus.web import problem_middleware
 from gateway.balancer import Balancer
 from gateway.checks import HealthChecks
 from gateway.dashboard import Activity, Dashboard
@@ -106,8 +106,8 @@ class Gateway:
             trust_forwarded_for=settings.trust_forwarded_for,
             gzip_min_bytes=settings.gzip_min_bytes,
         )
-        # the kit's _errors turns whatever a handler raised into problem+json, no traceback
-        app = web.Application(middlewares=[edge(self.name), _errors, protect])
+        # the kit's problem_middleware: whatever a handler raised becomes problem+json
+        app = web.Application(middlewares=[edge(self.name), problem_middleware, protect])
         app.on_response_prepare.append(secure)
         app.cleanup_ctx.append(self._client_session)
         Endpoints(
