@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from decimal import Decimal
+from typing import Any
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -89,8 +90,8 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
         return _accepted(existing)
     lines = _merged(body.items)
     try:
-        await _check_user(request, caller.user_id)
-        catalogue = await _products(request, {line.product_id for line in lines})
+        new_user = await _check_user(request, caller.user_id)
+        catalogue, fetched = await _products(request, {line.product_id for line in lines})
     except UpstreamUnavailable as error:
         raise HttpProblem(f"cannot place orders right now: {error}", status=503) from None
     priced = [(line.product_id, line.quantity, catalogue[line.product_id].price) for line in lines]
@@ -113,7 +114,9 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
     }
     try:
         async with transactions.begin() as unit:
-            for product in catalogue.values():
+            if new_user is not None:  # learnt over HTTP: keep it for the next order
+                await replicas.remember_user(unit.session, new_user)
+            for product in fetched:
                 await replicas.save_product(unit.session, _as_event(product))
             if key:
                 await unit.session.execute(
@@ -280,9 +283,11 @@ def _status_filter(value: str | None) -> OrderStatus | None:
         raise Unprocessable(f"query.status: unknown status {value!r}") from None
 
 
-async def _check_user(request: web.Request, user_id: str) -> None:
+async def _check_user(request: web.Request, user_id: str) -> dict[str, Any] | None:
+    """Refuse inactive or deleted accounts; return the user if it was learnt over HTTP."""
     async with request.app[TRANSACTIONS].db.session() as session:
         user = await replicas.known_user(session, user_id)
+    found = None
     if user is None:
         found = await request.app[DIRECTORY].user(user_id, request.headers["Authorization"])
         if found is None:
@@ -290,17 +295,24 @@ async def _check_user(request: web.Request, user_id: str) -> None:
         user = replicas.KnownUser(user_id, found.get("status", "active"))
     if user.status != "active":
         raise Forbidden(f"your account is {user.status}: it cannot place orders")
+    return found
 
 
-async def _products(request: web.Request, ids: set[str]) -> dict[str, KnownProduct]:
+async def _products(
+    request: web.Request, ids: set[str]
+) -> tuple[dict[str, KnownProduct], list[KnownProduct]]:
+    """The products ordered, and which of them the replica did not know yet."""
     async with request.app[TRANSACTIONS].db.session() as session:
         known = await replicas.known_products(session, ids)
+    fetched = []
     for product_id in sorted(ids - known.keys()):
         found = await request.app[DIRECTORY].product(product_id)
         if found is None:
             raise Unprocessable(f"unknown product {product_id!r}")
-        known[product_id] = KnownProduct(product_id, found["name"], Decimal(found["price"]))
-    return known
+        product = KnownProduct(product_id, found["name"], Decimal(found["price"]))
+        known[product_id] = product
+        fetched.append(product)
+    return known, fetched
 
 
 class _ProductFacts(BaseModel):

@@ -55,6 +55,18 @@ async def save_user(session: AsyncSession, event: Any, event_type: str) -> None:
     await session.execute(_upsert(session, store.users, values))
 
 
+async def remember_user(session: AsyncSession, user: dict[str, Any]) -> None:
+    """Record a user as the user service described it over HTTP (``GET /users/{id}``)."""
+    values = {
+        "id": user["id"],
+        "email": user.get("email"),
+        "role": user.get("role"),
+        "status": user.get("status", "active"),
+        "updated_at": store.now(),
+    }
+    await session.execute(_upsert(session, store.users, values))
+
+
 async def save_product(session: AsyncSession, event: Any) -> None:
     """Record a product's name and price from ``product.created`` or ``product.updated``."""
     values = {"id": event.product_id, "name": event.name, "price_cents": store.cents(event.price)}
