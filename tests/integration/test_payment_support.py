@@ -5,12 +5,7 @@ No tests live here; the name only follows the files this service owns (test_paym
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
-
-import aiohttp
-from multidict import CIMultiDictProxy
 
 from bus.amqp import AmqpBroker
 from bus.auth import SigningKey, TokenVerifier
@@ -18,19 +13,11 @@ from bus.broker import Delivery
 from bus.envelope import Envelope, MessageRegistry
 from bus.service import Service
 from payment_svc.messages import EVENTS
+from tests.integration.service_http import ServiceHttp
 from tests.support import eventually
 
 ISSUER = "microshop-user"
 AUDIENCE = "microshop"
-
-
-@dataclass(frozen=True)
-class Answer:
-    """An HTTP answer: status, parsed JSON body (None when empty), headers."""
-
-    status: int
-    body: Any
-    headers: CIMultiDictProxy[str]
 
 
 class Tokens:
@@ -45,43 +32,11 @@ class Tokens:
         return self._key.mint(subject=user_id, role=role, issuer=ISSUER, audience=AUDIENCE)
 
 
-class PaymentHttp:
+class PaymentHttp(ServiceHttp):
     """The payment service over HTTP, as another process sees it."""
 
     def __init__(self, service: Service) -> None:
-        self.base_url = service.settings.public_url
-        self._http = aiohttp.ClientSession()
-
-    async def __aenter__(self) -> PaymentHttp:
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._http.close()
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        token: str | None = None,
-        json: Any = None,
-        headers: dict[str, str] | None = None,
-    ) -> Answer:
-        """Send one request; the body is sent as JSON when given."""
-        sent = dict(headers or {})
-        if token:
-            sent["Authorization"] = f"Bearer {token}"
-        async with self._http.request(
-            method, f"{self.base_url}{path}", json=json, headers=sent
-        ) as response:
-            text = await response.text()
-            body = await response.json(content_type=None) if text else None
-            return Answer(response.status, body, response.headers)
+        super().__init__(service.settings.public_url)
 
     async def pay(self, token: str, **fields: Any) -> dict[str, Any]:
         """Process a stripe ``tok_visa`` payment of 100.00 unless ``fields`` say otherwise."""

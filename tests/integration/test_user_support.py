@@ -5,16 +5,12 @@ No tests live here; the name only follows the files this service owns (test_user
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from types import TracebackType
 from typing import Any
-
-import aiohttp
-from multidict import CIMultiDictProxy
 
 from bus.amqp import AmqpBroker
 from bus.broker import Delivery
 from bus.envelope import Envelope, MessageRegistry
+from tests.integration.service_http import ServiceHttp
 from tests.support import eventually
 from user_svc.messages import USER_EVENTS
 
@@ -25,44 +21,8 @@ ADMIN_PASSWORD = "admin-password-1"
 ADMIN_SETTINGS = {"admin_email": ADMIN_EMAIL, "admin_password": ADMIN_PASSWORD}
 
 
-@dataclass(frozen=True)
-class Answer:
-    """An HTTP answer: status, parsed JSON body (None when empty), headers."""
-
-    status: int
-    body: Any
-    headers: CIMultiDictProxy[str]
-
-
-class UserHttp:
+class UserHttp(ServiceHttp):
     """The user service over HTTP, as another process sees it."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self._http = aiohttp.ClientSession()
-
-    async def __aenter__(self) -> UserHttp:
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self._http.close()
-
-    async def call(
-        self, method: str, path: str, *, token: str | None = None, json: Any = None
-    ) -> Answer:
-        """Send one request; the body is sent as JSON when given."""
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        async with self._http.request(
-            method, f"{self.base_url}{path}", json=json, headers=headers
-        ) as response:
-            text = await response.text()
-            body = await response.json(content_type=None) if text else None
-            return Answer(response.status, body, response.headers)
 
     async def register(self, name: str, email: str, password: str) -> dict[str, Any]:
         """Register an account and return it; fails the test unless the answer is 201."""
