@@ -84,7 +84,8 @@ class CancelRequest(BaseModel):
 async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamResponse:
     caller = principal(request)
     key = request.headers.get("Idempotency-Key")
-    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
+    # only a keyed request needs its fingerprint (same key, different body: refused)
+    fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
     transactions = request.app[TRANSACTIONS]
     if key and (existing := await _order_for_key(request, caller.user_id, key, fingerprint)):
         return _accepted(existing)
@@ -117,7 +118,7 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
             if new_user is not None:  # learnt over HTTP: keep it for the next order
                 await replicas.remember_user(unit.session, new_user)
             for product in fetched:
-                await replicas.save_product(unit.session, _as_event(product))
+                await replicas.save_product(unit.session, product)
             if key:
                 await unit.session.execute(
                     insert(store.idempotency_keys).values(
@@ -313,13 +314,3 @@ async def _products(
         known[product_id] = product
         fetched.append(product)
     return known, fetched
-
-
-class _ProductFacts(BaseModel):
-    product_id: str
-    name: str
-    price: Decimal
-
-
-def _as_event(product: KnownProduct) -> _ProductFacts:
-    return _ProductFacts(product_id=product.id, name=product.name, price=product.price)

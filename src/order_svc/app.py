@@ -48,7 +48,9 @@ def build(settings: Settings, **overrides: Any) -> Service:
         api=api,
         verifier=overrides.get("verifier") or token_verifier(settings),
     )
-    service.background.append(lambda: sweep_overdue_steps(service, policy))
+    service.background.append(
+        lambda: sweep_overdue_steps(service, policy, settings.saga_sweep_seconds)
+    )
     service.app[POLICY] = policy
     service.app[CURRENCY] = settings.currency
 
@@ -62,14 +64,12 @@ def build(settings: Settings, **overrides: Any) -> Service:
     return service
 
 
-async def sweep_overdue_steps(service: Service, policy: Policy) -> None:
+async def sweep_overdue_steps(service: Service, policy: Policy, interval: float) -> None:
     """Every second or so, send again (or compensate) saga steps nobody answered.
 
     It reads deadlines from the database, so orders left waiting by a crash are found
     after the restart. Rows are claimed with SKIP LOCKED: instances share the work.
     """
-    settings = service.settings
-    interval = getattr(settings, "saga_sweep_seconds", 1.0)
     while True:
         await asyncio.sleep(interval)
         try:

@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 
-from bus.broker import Delivery
+from bus.broker import Delivery, Reject
 from bus.envelope import Message
 from bus.inbox import UnitHandler
 from bus.outbox import UnitOfWork
@@ -117,7 +117,11 @@ async def user_changed(delivery: Delivery, unit: UnitOfWork) -> None:
 
 async def product_changed(delivery: Delivery, unit: UnitOfWork) -> None:
     """Keep the replica of the catalogue current (what can be ordered, at what price)."""
-    await replicas.save_product(unit.session, delivery.message)
+    event = delivery.message
+    if not isinstance(event, ProductCreated | ProductUpdated):
+        raise Reject(f"not a product event: {delivery.envelope.type}")
+    product = replicas.KnownProduct(event.product_id, event.name, event.price)
+    await replicas.save_product(unit.session, product)
 
 
 SAGA_REPLIES: dict[type[Message], SagaStepHandler] = {

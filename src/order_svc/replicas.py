@@ -67,9 +67,9 @@ async def remember_user(session: AsyncSession, user: dict[str, Any]) -> None:
     await session.execute(_upsert(session, store.users, values))
 
 
-async def save_product(session: AsyncSession, event: Any) -> None:
-    """Record a product's name and price from ``product.created`` or ``product.updated``."""
-    values = {"id": event.product_id, "name": event.name, "price_cents": store.cents(event.price)}
+async def save_product(session: AsyncSession, product: KnownProduct) -> None:
+    """Record a product's name and price (from its events, or as inventory answered)."""
+    values = {"id": product.id, "name": product.name, "price_cents": store.cents(product.price)}
     await session.execute(_upsert(session, store.products, values))
 
 

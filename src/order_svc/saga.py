@@ -8,7 +8,7 @@ reservation for a cancelled order is released, a charge for it refunded.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import Decimal
 
@@ -103,12 +103,7 @@ async def change_status(
         correlation_id=order.correlation_id,
     )
     log.info("order status changed", order_id=order.id, status=new, reason=reason)
-    return _with(order, status=new, status_reason=reason)
-
-
-def _with(order: Order, **changes: object) -> Order:
-    values = {name: getattr(order, name) for name in order.__dataclass_fields__}
-    return Order(**{**values, **changes})
+    return replace(order, status=new, status_reason=reason)
 
 
 async def stock_reserved(
@@ -124,7 +119,7 @@ async def stock_reserved(
         return  # a repeated reply
     await store.set_line_prices(unit.session, order.id, prices)
     order = await change_status(unit, order, S.PAYMENT_PROCESSING, total_cents=store.cents(total))
-    await send(unit, _with(order, total=total), SagaStep.CHARGE, policy)
+    await send(unit, replace(order, total=total), SagaStep.CHARGE, policy)
 
 
 async def stock_rejected(unit: UnitOfWork, order: Order, reason: str) -> None:
@@ -206,7 +201,7 @@ async def cancel(unit: UnitOfWork, order: Order, reason: str, policy: Policy) ->
     if order.refund_requested:
         return order  # a second cancel while the refund is on its way
     await store.update_order(unit.session, order.id, refund_requested=True, status_reason=reason)
-    order = _with(order, refund_requested=True, status_reason=reason)
+    order = replace(order, refund_requested=True, status_reason=reason)
     await send(unit, order, SagaStep.REFUND, policy)
     return order
 
@@ -241,7 +236,7 @@ async def step_overdue(unit: UnitOfWork, order: Order, policy: Policy) -> None:
     if step is SagaStep.CHARGE:
         # the charge may have gone through unseen: ask for the money back, then the stock
         await store.update_order(unit.session, order.id, refund_requested=True)
-        await send(unit, _with(order, refund_requested=True), SagaStep.REFUND, policy)
+        await send(unit, replace(order, refund_requested=True), SagaStep.REFUND, policy)
     else:
         await send(unit, order, SagaStep.RELEASE, policy)
 
