@@ -7,6 +7,10 @@ import inspect
 import time
 from collections.abc import Awaitable, Callable
 
+from microshop.local import free_port
+
+__all__ = ["ROUTING_TABLE", "eventually", "free_port"]
+
 Condition = Callable[[], bool | Awaitable[bool]]
 
 
@@ -63,12 +67,3 @@ ROUTING_TABLE: list[tuple[str, str, bool]] = [
     ("a.#", "a..", True),
     ("a", "A", False),
 ]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -104,7 +104,12 @@ async def _ready(request: web.Request) -> web.Response:
     dependencies = await health.check_all()
     down = sorted(name for name, report in dependencies.items() if report["status"] != "up")
     ready = health.ready and not down
-    body = {"status": "ready" if ready else "not_ready", "marked_ready": health.ready, "down": down}
+    body = {
+        "service": request.app[SETTINGS].service,
+        "status": "ready" if ready else "not_ready",
+        "marked_ready": health.ready,
+        "down": down,
+    }
     return json_response(body, status=200 if ready else 503)
 
 

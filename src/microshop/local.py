@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import sys
@@ -26,11 +27,27 @@ SERVICES = ("user", "inventory", "payment", "order")
 RETRY_DELAYS_MS = (100, 500)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 nobody listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    """A TCP port on 127.0.0.1 nobody listens on now, and not one handed out before.
+
+    Ports come from below the kernel's ephemeral range (32768 and up), so an outgoing
+    connection cannot take the port between this probe and the server binding it, and
+    never twice from one process, so two servers of one test never share a port.
+    """
+    while True:
+        port = random.randrange(20_000, 32_000)
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 @dataclass
@@ -98,9 +115,12 @@ class LocalSystem:
             raise RuntimeError(f"{service} exited {process.returncode}:\n{self.log(service)}")
         try:
             async with http.get(f"{self.url(service)}/health/ready") as response:
-                return response.status == 200
-        except aiohttp.ClientError:
+                body = await response.json(content_type=None)
+        except (aiohttp.ClientError, ValueError):
             return False
+        if body.get("service") != service:
+            raise RuntimeError(f"{self.url(service)} is answered by {body.get('service')!r}")
+        return response.status == 200
 
     def log(self, service: str) -> str:
         """The end of ``service``'s log."""
