@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic_core import to_json
+from sqlalchemy.exc import DBAPIError
 
 from bus.api import PRINCIPAL, VERIFIER, Api, Page, json_response, page_params, principal
 from bus.auth import TokenVerifier
@@ -201,6 +202,18 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         detail = exc.text if exc.text and exc.text != default_text else exc.reason
         return problem_response(
             exc.status, exc.reason, detail, instance=request.path, headers=exc.headers
+        )
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+        # the database went away under a pooled connection; the pool reconnects
+        log.warning("database connection lost", route=_route_template(request))
+        return problem_response(
+            503,
+            "Service Unavailable",
+            "the database connection was lost; try again",
+            instance=request.path,
+            headers={"Retry-After": "1"},
         )
     except Exception as exc:
         trace.get_current_span().record_exception(exc)

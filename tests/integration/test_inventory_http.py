@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from bus.amqp import AmqpBroker
+from bus.db import Database
 from inventory_svc.app import DEMO_CATALOGUE
 from inventory_svc.messages import LineItem, StockReserve
 from tests.integration.conftest import ServiceStarter
@@ -243,3 +245,26 @@ async def test_openapi_documents_every_route_with_its_models(shop: Inventory) ->
     assert "201" in paths["/products"]["post"]["responses"]
     assert paths["/products/{product_id}"]["put"]["security"] == [{"bearer": []}]
     assert "ReservationView" in document["components"]["schemas"]
+
+
+async def test_a_database_that_drops_its_connections_costs_one_503(
+    shop: Inventory, unique: str, database_url: str
+) -> None:
+    product_id = await shop.add_product(stock=1, price="5.00")
+    admin = Database(database_url)
+    async with admin.session() as session, session.begin():
+        dropped = await session.scalar(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = :name"
+            ),
+            {"name": f"{unique}_inventory"},
+        )
+    await admin.close()
+    assert dropped, "the service holds pooled connections"
+
+    # without a pre-ping the stale connection is found by the request that uses it
+    status, problem = await shop.call("GET", f"/products/{product_id}", role=None)
+    assert (status, problem["detail"]) == (503, "the database connection was lost; try again")
+    status, product = await shop.call("GET", f"/products/{product_id}", role=None)
+    assert (status, product["stock"]) == (200, 1)

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
+from sqlalchemy.exc import DBAPIError
 
 from bus.auth import SigningKey, TokenVerifier
 from bus.settings import Settings
@@ -91,6 +92,11 @@ def build_api() -> Api:
     @api.get("/boom")
     async def boom(request: web.Request) -> web.StreamResponse:
         raise RuntimeError("password=hunter2 at db.internal:5432")
+
+    @api.get("/db-gone")
+    async def db_gone(request: web.Request) -> web.StreamResponse:
+        gone = ConnectionResetError("connection was closed in the middle of operation")
+        raise DBAPIError("SELECT 1", None, gone, connection_invalidated=True)
 
     @api.get("/orders/{order_id}")
     async def get_order(request: web.Request) -> web.StreamResponse:
@@ -213,6 +219,13 @@ async def test_unhandled_exception_is_a_500_that_hides_the_text(client: Client) 
     assert "hunter2" not in text
     assert "Traceback" not in text
     assert any(event["event"] == "unhandled error" and event["exc_info"] for event in logs)
+
+
+async def test_a_lost_database_connection_is_a_503_to_try_again(client: Client) -> None:
+    response = await client.get("/db-gone")
+    body = await problem(response, 503)
+    assert body["detail"] == "the database connection was lost; try again"
+    assert response.headers["Retry-After"] == "1"
 
 
 async def test_http_problem_subclasses_set_status_title_and_extras(client: Client) -> None:
