@@ -28,11 +28,11 @@ from bus.web import (
     principal,
 )
 from order_svc import replicas, saga, store
-from order_svc.domain import MANUAL, OrderStatus, SagaStep, TransitionError, line_total, money
+from order_svc.domain import MANUAL, OrderStatus, TransitionError, line_total, money
 from order_svc.messages import OrderCreated, OrderLine
 from order_svc.replicas import Directory, KnownProduct, UpstreamUnavailable
 from order_svc.saga import Policy
-from order_svc.views import OrderView, order_view, order_views
+from order_svc.views import OrderView, new_order_view, order_view, order_views
 
 api = Api()
 DIRECTORY = web.AppKey("DIRECTORY", Directory)
@@ -91,15 +91,17 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
         return _accepted(existing)
     lines = _merged(body.items)
     try:
-        new_user = await _check_user(request, caller.user_id)
-        catalogue, fetched = await _products(request, {line.product_id for line in lines})
+        new_user, catalogue, fetched = await _what_is_known(
+            request, caller.user_id, {line.product_id for line in lines}
+        )
     except UpstreamUnavailable as error:
         raise HttpProblem(f"cannot place orders right now: {error}", status=503) from None
     priced = [(line.product_id, line.quantity, catalogue[line.product_id].price) for line in lines]
     total = money(sum((line_total(price, qty) for _, qty, price in priced), Decimal(0)))
     order_id = uuid.uuid4().hex
     currency = request.app[CURRENCY]
-    values = {
+    at = store.now()
+    values: dict[str, Any] = {
         "id": order_id,
         "user_id": caller.user_id,
         "status": OrderStatus.PENDING,
@@ -108,9 +110,8 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
         "provider": body.payment.provider,
         "method": body.payment.method,
         "correlation_id": request[CORRELATION_ID],
-        "created_at": store.now(),
-        "updated_at": store.now(),
-        "step_attempts": 0,
+        "created_at": at,
+        "updated_at": at,
         "refund_requested": False,
     }
     try:
@@ -126,7 +127,7 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
                         key=key,
                         request_hash=fingerprint,
                         order_id=order_id,
-                        created_at=store.now(),
+                        created_at=at,
                     )
                 )
             values["traceparent"] = unit.publish(
@@ -139,16 +140,13 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
                 ),
                 correlation_id=request[CORRELATION_ID],
             ).traceparent
-            await store.insert_order(unit.session, values, priced)
-            order = await store.lock_order(unit.session, order_id)
-            assert order is not None
-            await saga.send(unit, order, SagaStep.RESERVE, request.app[POLICY])
+            await saga.start(unit, values, priced, request.app[POLICY])
     except IntegrityError:
         # the same Idempotency-Key raced in from another request: answer with its order
         if key and (existing := await _order_for_key(request, caller.user_id, key, fingerprint)):
             return _accepted(existing)
         raise
-    return _accepted(await _view(request, order_id))
+    return _accepted(new_order_view(values, priced))
 
 
 @api.get(
@@ -284,33 +282,32 @@ def _status_filter(value: str | None) -> OrderStatus | None:
         raise Unprocessable(f"query.status: unknown status {value!r}") from None
 
 
-async def _check_user(request: web.Request, user_id: str) -> dict[str, Any] | None:
-    """Refuse inactive or deleted accounts; return the user if it was learnt over HTTP."""
+async def _what_is_known(
+    request: web.Request, user_id: str, product_ids: set[str]
+) -> tuple[dict[str, Any] | None, dict[str, KnownProduct], list[KnownProduct]]:
+    """Check the customer may order and price the products, from the replicas first.
+
+    Returns the user if it had to be learnt over HTTP, every product ordered, and the
+    products that had to be learnt over HTTP. Inactive or deleted accounts are refused,
+    unknown products are unprocessable.
+    """
     async with request.app[TRANSACTIONS].db.session() as session:
         user = await replicas.known_user(session, user_id)
+        known = await replicas.known_products(session, product_ids)
+    directory = request.app[DIRECTORY]
     found = None
     if user is None:
-        found = await request.app[DIRECTORY].user(user_id, request.headers["Authorization"])
+        found = await directory.user(user_id, request.headers["Authorization"])
         if found is None:
             raise Forbidden("your account does not exist any more")
         user = replicas.KnownUser(user_id, found.get("status", "active"))
     if user.status != "active":
         raise Forbidden(f"your account is {user.status}: it cannot place orders")
-    return found
-
-
-async def _products(
-    request: web.Request, ids: set[str]
-) -> tuple[dict[str, KnownProduct], list[KnownProduct]]:
-    """The products ordered, and which of them the replica did not know yet."""
-    async with request.app[TRANSACTIONS].db.session() as session:
-        known = await replicas.known_products(session, ids)
     fetched = []
-    for product_id in sorted(ids - known.keys()):
-        found = await request.app[DIRECTORY].product(product_id)
-        if found is None:
+    for product_id in sorted(product_ids - known.keys()):
+        product = await directory.product(product_id)
+        if product is None:
             raise Unprocessable(f"unknown product {product_id!r}")
-        product = KnownProduct(product_id, found["name"], Decimal(found["price"]))
-        known[product_id] = product
-        fetched.append(product)
-    return known, fetched
+        known[product_id] = KnownProduct(product_id, product["name"], Decimal(product["price"]))
+        fetched.append(known[product_id])
+    return found, known, fetched

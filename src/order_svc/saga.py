@@ -8,9 +8,11 @@ reservation for a cancelled order is released, a charge for it refunded.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import structlog
 
@@ -28,7 +30,7 @@ from order_svc.domain import (
     step_backoff,
 )
 from order_svc.messages import OrderCancelled, OrderConfirmed, OrderStatusChanged
-from order_svc.store import Order
+from order_svc.store import Line, Order
 from payment_svc.messages import PaymentCharge, PaymentRefund
 
 log = structlog.get_logger(__name__)
@@ -43,15 +45,30 @@ class Policy:
     step_attempts: int = 3
 
 
+async def start(
+    unit: UnitOfWork, values: dict[str, Any], lines: Sequence[Line], policy: Policy
+) -> None:
+    """Write a new order (``values`` of its row), already waiting for its stock, and ask
+    inventory to hold that stock: the first step, in the transaction that places it."""
+    await store.insert_order(unit.session, values | _watching(SagaStep.RESERVE, policy), lines)
+    items = [LineItem(product_id=product, quantity=quantity) for product, quantity, _ in lines]
+    unit.publish(
+        StockReserve(order_id=values["id"], items=items), correlation_id=values["correlation_id"]
+    )
+
+
 async def send(
     unit: UnitOfWork, order: Order, step: SagaStep, policy: Policy, attempt: int = 1
 ) -> None:
     """Send ``step``'s command for ``order`` and start watching for its reply."""
     unit.publish(await command_for(unit, order, step), correlation_id=order.correlation_id)
+    await store.update_order(unit.session, order.id, **_watching(step, policy, attempt))
+
+
+def _watching(step: SagaStep, policy: Policy, attempt: int = 1) -> dict[str, Any]:
+    """The columns that make the sweep wait for ``step``'s reply, and resend it when late."""
     deadline = store.now() + timedelta(seconds=step_backoff(policy.step_timeout, attempt))
-    await store.update_order(
-        unit.session, order.id, saga_step=step, step_deadline=deadline, step_attempts=attempt
-    )
+    return {"saga_step": step, "step_deadline": deadline, "step_attempts": attempt}
 
 
 async def command_for(unit: UnitOfWork, order: Order, step: SagaStep) -> Message:

@@ -167,8 +167,12 @@ async def lock_order(session: AsyncSession, order_id: str) -> Order | None:
     return Order.from_row(row) if row else None
 
 
+Line = tuple[str, int, Decimal]
+"""An order line: product id, quantity, unit price."""
+
+
 async def insert_order(
-    session: AsyncSession, values: dict[str, Any], lines: Sequence[tuple[str, int, Decimal]]
+    session: AsyncSession, values: dict[str, Any], lines: Sequence[Line]
 ) -> None:
     """Insert an order, its lines and the first history entry."""
     at = values["created_at"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import select
@@ -85,24 +87,7 @@ async def order_views(
         history[entry.order_id].append(
             HistoryEntry(status=entry.status, at=entry.at, reason=entry.reason)
         )
-    views = [
-        OrderView(
-            id=row.id,
-            user_id=row.user_id,
-            items=lines[row.id],
-            total=store.from_cents(row.total_cents),
-            currency=row.currency,
-            status=row.status,
-            status_reason=row.status_reason,
-            payment_id=row.payment_id,
-            created_at=row.created_at,
-            updated_at=row.updated_at,
-            shipped_at=row.shipped_at,
-            estimated_delivery=row.estimated_delivery,
-            history=history[row.id],
-        )
-        for row in rows
-    ]
+    views = [_view(row._mapping, lines[row.id], history[row.id]) for row in rows]
     return views, total
 
 
@@ -110,3 +95,30 @@ async def order_view(session: AsyncSession, order_id: str) -> OrderView | None:
     """One order, or None."""
     views, _ = await order_views(session, ids=[order_id], limit=1)
     return views[0] if views else None
+
+
+def new_order_view(values: Mapping[str, Any], lines: Sequence[store.Line]) -> OrderView:
+    """The order just placed, from what was written (no need to read it back)."""
+    items = [OrderLineView(product_id=p, quantity=q, unit_price=u) for p, q, u in sorted(lines)]
+    first = HistoryEntry(status=values["status"], at=values["created_at"], reason=None)
+    return _view(values, items, [first])
+
+
+def _view(
+    row: Mapping[Any, Any], lines: list[OrderLineView], history: list[HistoryEntry]
+) -> OrderView:
+    return OrderView(
+        id=row["id"],
+        user_id=row["user_id"],
+        items=lines,
+        total=store.from_cents(row["total_cents"]),
+        currency=row["currency"],
+        status=row["status"],
+        status_reason=row.get("status_reason"),
+        payment_id=row.get("payment_id"),
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        shipped_at=row.get("shipped_at"),
+        estimated_delivery=row.get("estimated_delivery"),
+        history=history,
+    )

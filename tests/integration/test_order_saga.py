@@ -76,13 +76,20 @@ async def payments_for(client: Client, order_id: str) -> list[dict[str, Any]]:
 
 async def test_happy_path_confirms_with_an_exact_total_and_sells_the_stock(launch: Launch) -> None:
     client = await launch()
-    order_id = await place(
-        client, [{"product_id": "laptop", "quantity": 1}, {"product_id": "mouse", "quantity": 2}]
+    items = [{"product_id": "laptop", "quantity": 1}, {"product_id": "mouse", "quantity": 2}]
+    status, accepted = await client.call(
+        "POST", "order", "/orders", as_user=BOB, json={"items": items, "payment": VISA}
     )
+    assert status == 202, accepted
+    order_id = accepted["id"]
 
     order = await client.wait_for_status(order_id, {"confirmed"}, as_user=BOB, within=15)
 
     assert order["total"] == "1459.97"
+    # the answer to the POST is the order as it was written
+    for field in ("id", "user_id", "items", "total", "currency", "created_at"):
+        assert accepted[field] == order[field], field
+    assert accepted["history"] == order["history"][:1]
     assert [h["status"] for h in order["history"]] == ["pending", "payment_processing", "confirmed"]
     (payment,) = await payments_for(client, order_id)
     assert (payment["status"], payment["amount"]) == ("completed", "1459.97")
