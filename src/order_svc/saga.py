@@ -50,7 +50,7 @@ async def start(
 ) -> None:
     """Write a new order (``values`` of its row), already waiting for its stock, and ask
     inventory to hold that stock: the first step, in the transaction that places it."""
-    await store.insert_order(unit.session, values | _watching(SagaStep.RESERVE, policy), lines)
+    await store.insert_order(unit.session, values | awaiting(SagaStep.RESERVE, policy), lines)
     items = [LineItem(product_id=product, quantity=quantity) for product, quantity, _ in lines]
     unit.publish(
         StockReserve(order_id=values["id"], items=items), correlation_id=values["correlation_id"]
@@ -61,12 +61,20 @@ async def send(
     unit: UnitOfWork, order: Order, step: SagaStep, policy: Policy, attempt: int = 1
 ) -> None:
     """Send ``step``'s command for ``order`` and start watching for its reply."""
+    await publish_command(unit, order, step)
+    await store.update_order(unit.session, order.id, **awaiting(step, policy, attempt))
+
+
+async def publish_command(unit: UnitOfWork, order: Order, step: SagaStep) -> None:
+    """Send ``step``'s command; the caller writes :func:`awaiting` with its own change."""
     unit.publish(await command_for(unit, order, step), correlation_id=order.correlation_id)
-    await store.update_order(unit.session, order.id, **_watching(step, policy, attempt))
 
 
-def _watching(step: SagaStep, policy: Policy, attempt: int = 1) -> dict[str, Any]:
-    """The columns that make the sweep wait for ``step``'s reply, and resend it when late."""
+def awaiting(step: SagaStep, policy: Policy, attempt: int = 1) -> dict[str, Any]:
+    """The columns that make the sweep wait for ``step``'s reply, and resend it when late.
+
+    Written over the previous step's, they also mark that step answered.
+    """
     deadline = store.now() + timedelta(seconds=step_backoff(policy.step_timeout, attempt))
     return {"saga_step": step, "step_deadline": deadline, "step_attempts": attempt}
 
@@ -127,16 +135,22 @@ async def stock_reserved(
     unit: UnitOfWork, order: Order, prices: dict[str, Decimal], total: Decimal, policy: Policy
 ) -> None:
     """Stock is held: take payment, at the prices stock was reserved at."""
-    await step_answered(unit, order, SagaStep.RESERVE)
     if order.status in (S.CANCELLED, S.REFUNDED):
         # cancelled (or timed out) before the reservation arrived: give the stock back
         await send(unit, order, SagaStep.RELEASE, policy)
         return
     if order.status is not S.PENDING:
+        await step_answered(unit, order, SagaStep.RESERVE)
         return  # a repeated reply
     await store.set_line_prices(unit.session, order.id, prices)
-    order = await change_status(unit, order, S.PAYMENT_PROCESSING, total_cents=store.cents(total))
-    await send(unit, replace(order, total=total), SagaStep.CHARGE, policy)
+    order = await change_status(
+        unit,
+        replace(order, total=total),
+        S.PAYMENT_PROCESSING,
+        total_cents=store.cents(total),
+        **awaiting(SagaStep.CHARGE, policy),
+    )
+    await publish_command(unit, order, SagaStep.CHARGE)
 
 
 async def stock_rejected(unit: UnitOfWork, order: Order, reason: str) -> None:
@@ -150,24 +164,30 @@ async def payment_succeeded(
     unit: UnitOfWork, order: Order, payment_id: str, policy: Policy
 ) -> None:
     """Paid: confirm, and turn the reservation into a sale."""
-    await step_answered(unit, order, SagaStep.CHARGE)
     if order.status in (S.CANCELLED, S.REFUNDED):
         # the charge landed after the order was given up on: return the money
         await store.update_order(
-            unit.session, order.id, payment_id=payment_id, refund_requested=True
+            unit.session,
+            order.id,
+            payment_id=payment_id,
+            refund_requested=True,
+            **awaiting(SagaStep.REFUND, policy),
         )
-        await send(unit, order, SagaStep.REFUND, policy)
+        await publish_command(unit, order, SagaStep.REFUND)
         return
     if order.status is not S.PAYMENT_PROCESSING:
+        await step_answered(unit, order, SagaStep.CHARGE)
         return
-    order = await change_status(unit, order, S.CONFIRMED, None, payment_id=payment_id)
+    order = await change_status(
+        unit, order, S.CONFIRMED, None, payment_id=payment_id, **awaiting(SagaStep.COMMIT, policy)
+    )
     unit.publish(
         OrderConfirmed(
             order_id=order.id, user_id=order.user_id, total=order.total, payment_id=payment_id
         ),
         correlation_id=order.correlation_id,
     )
-    await send(unit, order, SagaStep.COMMIT, policy)
+    await publish_command(unit, order, SagaStep.COMMIT)
 
 
 async def payment_failed(unit: UnitOfWork, order: Order, reason: str, policy: Policy) -> None:

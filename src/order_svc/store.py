@@ -20,6 +20,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     func,
     insert,
     select,
@@ -212,13 +213,19 @@ async def record_status(
 
 
 async def set_line_prices(session: AsyncSession, order_id: str, prices: dict[str, Decimal]) -> None:
-    """Replace provisional unit prices with the ones stock was reserved at."""
-    for product_id, unit_price in prices.items():
-        await session.execute(
-            update(order_items)
-            .where((order_items.c.order_id == order_id) & (order_items.c.product_id == product_id))
-            .values(unit_price_cents=cents(unit_price))
-        )
+    """Replace provisional unit prices with the ones stock was reserved at (one statement)."""
+    if not prices:
+        return
+    line = (order_items.c.order_id == bindparam("order")) & (
+        order_items.c.product_id == bindparam("product")
+    )
+    await session.execute(
+        update(order_items).where(line).values(unit_price_cents=bindparam("cents")),
+        [
+            {"order": order_id, "product": product_id, "cents": cents(unit_price)}
+            for product_id, unit_price in prices.items()
+        ],
+    )
 
 
 async def order_lines(session: AsyncSession, order_id: str) -> list[tuple[str, int]]:
