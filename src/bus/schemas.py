@@ -8,13 +8,24 @@ from __future__ import annotations
 
 import inspect
 import json
+import types
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from bus.broker import EXCHANGE
 from bus.envelope import CONTENT_TYPE, SCHEMA_URN, Envelope, Message
+
+# fixed, so the generated files only change when a contract does
+EXAMPLE_TIME = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,77 @@ def message_schema(model: type[Message]) -> dict[str, Any]:
     return schema
 
 
+def example_data(model: type[BaseModel]) -> dict[str, Any]:
+    """A valid ``data`` for ``model``, made from its fields' types, for documentation.
+
+    A field with a default other than None shows it; every other field gets a plain
+    value of its type. The result is validated by ``model``, so it is always accepted.
+    """
+    values = {name: _field_example(name, field) for name, field in model.model_fields.items()}
+    return model.model_validate(values).model_dump(mode="json")
+
+
+def example_envelope(contract: Contract) -> dict[str, Any]:
+    """A whole CloudEvent of ``contract``'s type as its producer would publish it."""
+    model = contract.model
+    event_id = uuid.uuid5(uuid.NAMESPACE_URL, model.schema_urn()).hex
+    envelope = Envelope(
+        id=event_id,
+        source=f"/microshop/{contract.producer}",
+        type=model.type,
+        time=EXAMPLE_TIME,
+        dataschema=model.schema_urn(),
+        data=example_data(model),
+        correlationid=event_id,
+    )
+    example: dict[str, Any] = json.loads(envelope.to_json())
+    return example
+
+
+def _field_example(name: str, field: FieldInfo) -> Any:
+    if not field.is_required() and field.default is not None:
+        return field.default
+    return _example(name, field.annotation)
+
+
+def _example(name: str, annotation: Any) -> Any:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return args[0]
+    if origin in (Union, types.UnionType):
+        return _example(name, next(arg for arg in args if arg is not type(None)))
+    if origin in (list, tuple, set, frozenset):
+        return [_example(name, args[0])]
+    if origin is dict:
+        return {}
+    if isinstance(annotation, type):
+        if issubclass(annotation, BaseModel):
+            return example_data(annotation)
+        if issubclass(annotation, Enum):
+            return next(iter(annotation)).value
+        scalars: dict[type, Any] = {
+            bool: True,
+            int: 1,
+            float: 1.5,
+            Decimal: "9.99",
+            datetime: EXAMPLE_TIME.isoformat(),
+            str: _example_text(name),
+        }
+        if annotation in scalars:
+            return scalars[annotation]
+    raise TypeError(f"no example for field {name!r} of type {annotation!r}")
+
+
+def _example_text(name: str) -> str:
+    if name == "id" or name.endswith("_id"):
+        return f"{name.removesuffix('_id')}-1"
+    if "email" in name:
+        return "someone@example.com"
+    if "url" in name:
+        return "http://127.0.0.1:8080"
+    return name.replace("_", " ")
+
+
 def asyncapi(contracts: Iterable[Contract], *, version: str) -> dict[str, Any]:
     """An AsyncAPI 3.0 document: a channel per routing key on the topic exchange."""
     channels: dict[str, Any] = {}
@@ -64,6 +146,7 @@ def asyncapi(contracts: Iterable[Contract], *, version: str) -> dict[str, Any]:
                     {"properties": {"type": {"const": name}, "data": message_schema(model)}},
                 ]
             },
+            "examples": [{"name": name, "payload": example_envelope(contract)}],
             "x-microshop-kind": model.kind,
             "x-microshop-producer": contract.producer,
             "x-microshop-consumers": list(contract.consumers),

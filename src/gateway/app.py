@@ -22,6 +22,7 @@ from bus.auth import TokenVerifier
 from bus.broker import Broker, Consumer, Delivery
 from bus.messages import BUS_MESSAGES, ServiceHeartbeat, ServiceStopped
 from bus.observability import configure_tracing
+from bus.schemas import asyncapi
 from bus.service import broker_from_settings, token_verifier
 from bus.web import problem_middleware
 from gateway.balancer import Balancer
@@ -35,6 +36,7 @@ from gateway.proxy import Proxy
 from gateway.registry import Registry
 from gateway.routing import ROUTES, PublicRoutes
 from gateway.settings import Settings
+from microshop.catalogue import CONTRACTS
 from microshop.catalogue import REGISTRY as CATALOGUE
 
 __all__ = ["Gateway", "Settings", "build"]
@@ -113,6 +115,7 @@ class Gateway:
         Endpoints(
             registry=self.registry,
             documents=self.documents,
+            events=asyncapi(CONTRACTS, version=settings.version),
             about=self.about,
             ready=lambda: self.ready,
         ).add_to(app)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import prometheus_client
 from aiohttp import web
 
 from bus.api import json_response
+from gateway import event_docs
 from gateway.openapi import OpenApiDocuments
 from gateway.pages import Page
 from gateway.registry import Registry
@@ -31,22 +32,25 @@ def services_status(registry: Registry) -> dict[str, dict[str, Any]]:
 
 class Endpoints:
     """``/``, ``/health``, ``/health/live``, ``/health/ready``, ``/status``, ``/openapi.json``,
-    ``/docs`` and ``/metrics``."""
+    ``/docs``, ``/docs/events`` and ``/metrics``."""
 
     def __init__(
         self,
         *,
         registry: Registry,
         documents: OpenApiDocuments,
+        events: Mapping[str, Any],
         about: Callable[[], dict[str, Any]],
         ready: Callable[[], bool],
     ) -> None:
-        """``about()`` describes this gateway; ``ready()`` says whether it serves yet."""
+        """``events`` is the AsyncAPI document of every message; ``about()`` describes this
+        gateway; ``ready()`` says whether it serves yet."""
         self.registry = registry
         self.documents = documents
         self.about = about
         self.ready = ready
         self._docs = Page.load("docs.html")
+        self._event_docs = Page.of(event_docs.render(events))
 
     def add_to(self, app: web.Application) -> None:
         """Add the routes to ``app``."""
@@ -57,6 +61,7 @@ class Endpoints:
         app.router.add_get("/status", self.status)
         app.router.add_get("/openapi.json", self.openapi)
         app.router.add_get("/docs", self.docs)
+        app.router.add_get("/docs/events", self.events)
         app.router.add_get("/metrics", self.metrics)
 
     async def info(self, _: web.Request) -> web.Response:
@@ -68,7 +73,15 @@ class Endpoints:
                 "routes": routes,
                 "links": {
                     name: f"/{name}"
-                    for name in ("health", "status", "openapi.json", "docs", "dashboard", "metrics")
+                    for name in (
+                        "health",
+                        "status",
+                        "openapi.json",
+                        "docs",
+                        "docs/events",
+                        "dashboard",
+                        "metrics",
+                    )
                 },
             }
         )
@@ -106,6 +119,10 @@ class Endpoints:
     async def docs(self, _: web.Request) -> web.Response:
         """A page rendering the merged OpenAPI document."""
         return self._docs.response()
+
+    async def events(self, _: web.Request) -> web.Response:
+        """Every message type: producer, consumers, fields, JSON Schema and an example."""
+        return self._event_docs.response()
 
     async def metrics(self, _: web.Request) -> web.Response:
         """Prometheus metrics."""

@@ -36,7 +36,11 @@ class Page:
     @classmethod
     def load(cls, name: str) -> Page:
         """Read ``name`` from this package's folder."""
-        html = (_HERE / name).read_text(encoding="utf-8")
+        return cls.of((_HERE / name).read_text(encoding="utf-8"))
+
+    @classmethod
+    def of(cls, html: str) -> Page:
+        """A page made in memory (rendered on the server)."""
         scripts = _hashes(_INLINE["script"], html) or "'none'"
         styles = _hashes(_INLINE["style"], html) or "'none'"
         csp = (

@@ -1,4 +1,4 @@
-"""``microshop``: run a service, export and check the message schemas.
+"""``microshop``: run a service; publish, watch and mend messages; export the schemas.
 
 Errors a user can make print one line and exit non-zero; never a traceback.
 """
@@ -19,6 +19,7 @@ from pydantic_settings import SettingsError
 from bus.broker import BrokerUnavailable
 from bus.schemas import check, export
 from bus.settings import Settings, redacted
+from microshop.ops import CLI_SOURCE, OpsError, quiet_logging
 
 SERVICE_MODULES = {
     "user": "user_svc",
@@ -69,7 +70,47 @@ def _parser() -> argparse.ArgumentParser:
     for action, text in (("export", "write"), ("check", "fail when stale:")):
         sub = actions.add_parser(action, help=f"{text} JSON Schemas and the AsyncAPI document")
         sub.add_argument("directory", nargs="?", type=Path, default=Path("schemas"))
+    _add_event_parsers(commands)
+    _add_dlq_parsers(commands)
     return parser
+
+
+def _add_event_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
+    publish = commands.add_parser("publish", help="validate one message and publish it")
+    publish.add_argument("type", metavar="TYPE", help="its type, e.g. user.created")
+    publish.add_argument(
+        "--data", required=True, metavar="JSON|@FILE", help="its data: JSON, @FILE or @- (stdin)"
+    )
+    publish.add_argument("--source", default=CLI_SOURCE, help=f"who sends it ({CLI_SOURCE})")
+    publish.add_argument(
+        "--correlation-id", metavar="ID", help="the flow it belongs to (default: a new one)"
+    )
+
+    tail = commands.add_parser("tail", help="show messages as they flow, until Ctrl-C")
+    tail.add_argument(
+        "patterns", nargs="*", default=["#"], metavar="PATTERN", help="e.g. order.* (default: #)"
+    )
+    tail.add_argument("--json", action="store_true", help="one CloudEvent per line")
+
+
+def _add_dlq_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
+    dlq = commands.add_parser("dlq", help="a service's dead letters")
+    actions = dlq.add_subparsers(dest="action", required=True, parser_class=_Parser)
+    service = "the service's queue name (MICROSHOP_QUEUE; by default the service's name)"
+
+    listing = actions.add_parser("list", help="show dead letters, leaving them in place")
+    listing.add_argument("service", nargs="?", metavar="SERVICE", help=f"{service}; default: all")
+    listing.add_argument("--json", action="store_true", help="one dead letter per line")
+
+    replay = actions.add_parser("replay", help="send dead letters back to their service")
+    replay.add_argument("service", metavar="SERVICE", help=service)
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", metavar="ID", help="the one with this message id")
+    which.add_argument("--all", action="store_true", help="every one")
+
+    purge = actions.add_parser("purge", help="delete every dead letter of a service")
+    purge.add_argument("service", metavar="SERVICE", help=service)
+    purge.add_argument("--yes", action="store_true", help="do not ask first")
 
 
 def _port(value: str) -> int:
@@ -80,6 +121,18 @@ def _port(value: str) -> int:
     if not 1 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"port must be 1-65535, not {port}")
     return port
+
+
+def load_settings(settings_type: type[Settings] = Settings, **overrides: object) -> Settings:
+    """Settings from the environment (and ``overrides``); a bad one is a :class:`UsageError`."""
+    try:
+        return settings_type(**overrides)  # type: ignore[arg-type]
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UsageError(f"bad setting MICROSHOP_{where.upper()}: {first['msg']}") from None
+    except SettingsError as error:
+        raise UsageError(f"bad setting: {error}") from None
 
 
 def run_service(name: str, port: int | None) -> int:
@@ -93,18 +146,10 @@ def run_service(name: str, port: int | None) -> int:
         if error.name not in (module_name, SERVICE_MODULES[name]):
             raise
         raise UsageError(f"the {name} service is not built yet (no {module_name})") from None
-    settings_type: type[Settings] = getattr(module, "Settings", Settings)
     overrides: dict[str, object] = {"service": name}
     if port is not None:
         overrides["port"] = port
-    try:
-        settings = settings_type(**overrides)  # type: ignore[arg-type]
-    except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise UsageError(f"bad setting MICROSHOP_{where.upper()}: {first['msg']}") from None
-    except SettingsError as error:
-        raise UsageError(f"bad setting: {error}") from None
+    settings = load_settings(getattr(module, "Settings", Settings), **overrides)
     service = module.build(settings)
     try:
         asyncio.run(run_until_signalled(service))
@@ -150,6 +195,45 @@ def schemas_command(action: str, directory: Path) -> int:
     return 0
 
 
+def publish_command(args: argparse.Namespace) -> int:
+    """Validate, wrap and publish one message; print its id."""
+    from microshop.ops.events import envelope_for, publish, read_data
+
+    data = read_data(args.data)
+    envelope = envelope_for(args.type, data, source=args.source, correlation_id=args.correlation_id)
+    asyncio.run(publish(load_settings(), envelope))
+    print(envelope.id)
+    return 0
+
+
+def tail_command(args: argparse.Namespace) -> int:
+    """Show messages as they flow until Ctrl-C, which is a clean exit."""
+    from microshop.ops.events import tail
+
+    asyncio.run(tail(load_settings(), args.patterns, as_json=args.json))
+    return 0
+
+
+def dlq_command(args: argparse.Namespace) -> int:
+    """``microshop dlq list|replay|purge`` (see :mod:`microshop.ops.dead_letters`)."""
+    from microshop.ops import dlq
+
+    settings = load_settings()
+    if args.action == "list":
+        queues = [args.service] if args.service else None
+        return asyncio.run(dlq.list_letters(settings, queues, json_lines=args.json))
+    if args.action == "replay":
+        return asyncio.run(dlq.replay_letters(settings, args.service, message_id=args.id))
+    return asyncio.run(dlq.purge_letters(settings, args.service, ask=None if args.yes else _ask))
+
+
+def _ask(question: str) -> bool:
+    try:
+        return input(f"{question} [y/N] ").strip().lower() in ("y", "yes")
+    except EOFError:
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``microshop`` console script."""
     try:
@@ -158,8 +242,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_service(args.name, args.port)
         if args.command == "demo":
             return demo_command(args.once)
-        return schemas_command(args.action, args.directory)
-    except UsageError as error:
+        if args.command == "schemas":
+            return schemas_command(args.action, args.directory)
+        commands = {"publish": publish_command, "tail": tail_command, "dlq": dlq_command}
+        quiet_logging()
+        return commands[args.command](args)
+    except (UsageError, OpsError) as error:
         print(f"microshop: {error}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:

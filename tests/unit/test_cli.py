@@ -98,3 +98,18 @@ def test_schemas_check_fails_on_edited_missing_or_extra_files(
 
 def test_committed_schemas_are_up_to_date() -> None:
     assert main(["schemas", "check", str(Path(__file__).parents[2] / "schemas")]) == 0
+
+
+def test_a_hand_written_readme_in_schemas_is_kept_by_export_and_ignored_by_check(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text("# how messages are versioned\n")
+    (tmp_path / "messages").mkdir()
+    (tmp_path / "messages" / "order.vanished.json").write_text("{}\n")
+
+    assert main(["schemas", "export", str(tmp_path)]) == 0
+
+    assert readme.read_text() == "# how messages are versioned\n"
+    assert not (tmp_path / "messages" / "order.vanished.json").exists()  # stale: removed
+    assert main(["schemas", "check", str(tmp_path)]) == 0
