@@ -6,7 +6,8 @@ PostgreSQL, everything sharing this machine.
     python -m benchmarks.saga [--seconds 20] [--concurrency 32] [--rate R]
 
 Full speed: ``--concurrency`` customers each place an order as soon as their last one was
-accepted; confirmed orders per second over the run. Fixed rate: orders placed on a
+accepted (or, when the order service is at its ceiling of orders in flight, as soon as its
+Retry-After says); confirmed orders per second over the run. Fixed rate: orders placed on a
 schedule (half the full-speed rate unless ``--rate``); order-to-confirmed latency, from
 the POST to the ``order.confirmed`` event on the broker, p50 and p99.
 Writes benchmarks/results/saga.json.
@@ -60,6 +61,14 @@ class Watcher:
         seen.setdefault(event["data"]["order_id"], time.perf_counter())
 
 
+class Busy(Exception):
+    """The order service turned the order away for now (503 with Retry-After)."""
+
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"busy; retry after {retry_after} s")
+        self.retry_after = retry_after
+
+
 async def place(http: aiohttp.ClientSession, url: str, auth: dict[str, str]) -> tuple[str, float]:
     started = time.perf_counter()
     body = {
@@ -67,6 +76,8 @@ async def place(http: aiohttp.ClientSession, url: str, auth: dict[str, str]) -> 
         "payment": {"provider": "stripe", "method": "tok_visa"},
     }
     async with http.post(f"{url}/orders", json=body, headers=auth) as response:
+        if response.status == 503 and "Retry-After" in response.headers:
+            raise Busy(float(response.headers["Retry-After"]))
         if response.status != 202:
             raise RuntimeError(f"order refused: {response.status} {await response.text()}")
         return (await response.json())["id"], started
@@ -81,11 +92,18 @@ async def full_speed(
     concurrency: int,
 ) -> dict[str, Any]:
     placed: dict[str, float] = {}
+    turned_away = 0
     stop_at = time.perf_counter() + seconds
 
     async def customer() -> None:
+        nonlocal turned_away
         while time.perf_counter() < stop_at:
-            order_id, started = await place(http, url, auth)
+            try:
+                order_id, started = await place(http, url, auth)
+            except Busy as busy:  # a polite customer comes back when asked to
+                turned_away += 1
+                await asyncio.sleep(busy.retry_after)
+                continue
             placed[order_id] = started
 
     began = time.perf_counter()
@@ -99,6 +117,7 @@ async def full_speed(
         "seconds": round(elapsed, 2),
         "confirmed_per_second": round(len(done) / elapsed, 1),
         "placed_per_second": round(len(placed) / seconds, 1),
+        "turned_away": turned_away,
     }
 
 
@@ -114,8 +133,15 @@ async def fixed_rate(
     tasks = []
     began = time.perf_counter()
 
+    turned_away = 0
+
     async def one() -> None:
-        order_id, started = await place(http, url, auth)
+        nonlocal turned_away
+        try:
+            order_id, started = await place(http, url, auth)
+        except Busy:  # counted, not retried: the schedule goes on
+            turned_away += 1
+            return
         placed[order_id] = started
 
     for n in range(int(seconds * rate)):
@@ -136,6 +162,7 @@ async def fixed_rate(
         "latency_ms_p50": round(statistics.median(latencies), 1),
         "latency_ms_p99": round(latencies[int(len(latencies) * 0.99) - 1], 1),
         "latency_ms_max": round(latencies[-1], 1),
+        "turned_away": turned_away,
     }
 
 

@@ -195,7 +195,10 @@ class Proxy:
                 small = method == "HEAD" or (length is not None and length <= BUFFER_LIMIT)
                 payload = await upstream.read() if small else None
             status = upstream.status
-            ok = status not in _UPSTREAM_TROUBLE
+            # a 503 with Retry-After is an instance shedding load on purpose: it is alive,
+            # and opening its breaker would turn away the requests it can still take
+            shedding = status == 503 and "Retry-After" in upstream.headers
+            ok = status not in _UPSTREAM_TROUBLE or shedding
             span.set_attribute("http.response.status_code", status)
             if payload is None:
                 return await self._stream(request, upstream)

@@ -28,6 +28,7 @@ from bus.web import (
     principal,
 )
 from order_svc import replicas, saga, store
+from order_svc.admission import Admission
 from order_svc.domain import MANUAL, OrderStatus, TransitionError, line_total, money
 from order_svc.messages import OrderCreated, OrderLine
 from order_svc.replicas import Directory, KnownProduct, UpstreamUnavailable
@@ -37,6 +38,7 @@ from order_svc.views import OrderView, new_order_view, order_view, order_views
 api = Api()
 DIRECTORY = web.AppKey("DIRECTORY", Directory)
 POLICY = web.AppKey("POLICY", Policy)
+ADMISSION = web.AppKey("ADMISSION", Admission)
 CURRENCY = web.AppKey("CURRENCY", str)
 ANYONE = ("admin", "manager", "user")
 STAFF = ("admin", "manager")
@@ -89,6 +91,14 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
     transactions = request.app[TRANSACTIONS]
     if key and (existing := await _order_for_key(request, caller.user_id, key, fingerprint)):
         return _accepted(existing)
+    admission = request.app[ADMISSION]
+    if not admission.admit():
+        raise HttpProblem(
+            f"the shop is busy: {admission.in_flight} orders are being processed; "
+            "try again in a second",
+            status=503,
+            headers={"Retry-After": "1"},
+        )
     lines = _merged(body.items)
     try:
         new_user, catalogue, fetched = await _what_is_known(

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import structlog
 from aiohttp import web
+from pydantic import Field
 
 from bus.db import Database
 from bus.envelope import MessageRegistry
@@ -16,7 +17,8 @@ from bus.observability import extract_trace, tracer
 from bus.service import Service, token_verifier
 from bus.settings import Settings as BaseSettings
 from order_svc import saga, store
-from order_svc.api import CURRENCY, DIRECTORY, POLICY, api
+from order_svc.admission import Admission, keep_counting
+from order_svc.api import ADMISSION, CURRENCY, DIRECTORY, POLICY, api
 from order_svc.handlers import CONSUMED, handlers
 from order_svc.replicas import Directory
 from order_svc.saga import Policy
@@ -31,6 +33,8 @@ class Settings(BaseSettings):
     saga_step_timeout: float = 10.0
     saga_step_attempts: int = 3
     saga_sweep_seconds: float = 1.0
+    # orders the saga may have in hand before new ones are turned away (0: no limit)
+    max_orders_in_flight: int = Field(default=200, ge=0)
     currency: str = "USD"
     user_url: str = "http://127.0.0.1:3010"
     inventory_url: str = "http://127.0.0.1:3013"
@@ -51,6 +55,9 @@ def build(settings: Settings, **overrides: Any) -> Service:
     service.background.append(
         lambda: sweep_overdue_steps(service, policy, settings.saga_sweep_seconds)
     )
+    admission = Admission(settings.max_orders_in_flight)
+    service.background.append(lambda: keep_counting(admission, db, settings.saga_sweep_seconds))
+    service.app[ADMISSION] = admission
     service.app[POLICY] = policy
     service.app[CURRENCY] = settings.currency
 

@@ -248,6 +248,12 @@ async def due_orders(session: AsyncSession, limit: int, skip_locked: bool) -> li
     return [Order.from_row(row) for row in await session.execute(query)]
 
 
+async def orders_in_flight(session: AsyncSession) -> int:
+    """Orders whose saga waits on a reply (every step sets a deadline, an answer clears it)."""
+    query = select(func.count()).select_from(orders).where(orders.c.step_deadline.is_not(None))
+    return int(await session.scalar(query) or 0)
+
+
 async def count(session: AsyncSession, query: Any) -> int:
     """``SELECT count(*)`` of a query."""
     return int(await session.scalar(select(func.count()).select_from(query.subquery())) or 0)

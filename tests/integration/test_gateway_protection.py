@@ -46,6 +46,8 @@ class Upstream:
         app.router.add_get("/orders/big", self.big)
         app.router.add_get("/orders/slow", self.slow)
         app.router.add_get("/orders/stream", self.stream)
+        app.router.add_get("/orders/busy", self.busy)
+        app.router.add_get("/orders/broken", self.broken)
         self.runner = web.AppRunner(app)
 
     async def start(self) -> str:
@@ -69,6 +71,12 @@ class Upstream:
     async def slow(self, _: web.Request) -> web.Response:
         await asyncio.sleep(5)
         return web.json_response({"late": True})
+
+    async def busy(self, _: web.Request) -> web.Response:
+        return web.json_response({"busy": True}, status=503, headers={"Retry-After": "1"})
+
+    async def broken(self, _: web.Request) -> web.Response:
+        return web.json_response({"broken": True}, status=503)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
@@ -279,3 +287,20 @@ async def test_a_service_with_no_instance_answers_503_at_once(
     assert waited < 0.2
     assert health.status == 503
     assert health.body["down"] == ["inventory", "payment", "user"]
+
+
+async def test_a_service_shedding_load_keeps_its_instance_a_broken_one_loses_it(
+    upstream: Upstream, gateways: Gateways
+) -> None:
+    gateway = await gateway_before(upstream, gateways, breaker_failures=2)
+    async with Caller(gateway.settings.public_url) as caller:
+        for _ in range(4):  # 503 with Retry-After: busy on purpose, passed on as it is
+            busy = await caller.call("GET", "/orders/busy", token=TOKEN)
+            assert (busy.status, busy.headers["Retry-After"]) == (503, "1")
+        assert (await caller.call("GET", "/orders/echo", token=TOKEN)).status == 200
+
+        for _ in range(2):  # a bare 503 counts against the instance
+            assert (await caller.call("GET", "/orders/broken", token=TOKEN)).status == 503
+        answer = await caller.call("GET", "/orders/echo", token=TOKEN)
+    assert answer.status == 503
+    assert len(upstream.received) == 1, "the breaker kept the last request from the instance"

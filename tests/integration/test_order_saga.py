@@ -24,6 +24,7 @@ pytestmark = pytest.mark.integration
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 VISA = {"provider": "stripe", "method": "tok_visa"}
+MOUSE = {"product_id": "mouse", "quantity": 1}
 DECLINED = {"provider": "stripe", "method": "tok_declined"}
 
 Launch = Callable[..., Awaitable[Client]]
@@ -364,3 +365,31 @@ async def test_idempotency_key_never_creates_a_second_order(launch: Launch) -> N
     assert status == 422, refused
     await client.wait_for_status(results[0][1]["id"], {"confirmed"}, as_user=BOB)
     assert Decimal((await stock(client, "mouse"))["sold"]) == 1
+
+
+async def test_orders_past_the_ceiling_in_flight_are_turned_away_until_some_finish(
+    launch: Launch,
+) -> None:
+    client = await launch(MICROSHOP_MAX_ORDERS_IN_FLIGHT="2", MICROSHOP_PAYMENT_LATENCY_MS="1500")
+    first = await place(client, [MOUSE])
+    second = await place(client, [MOUSE])
+
+    status, problem = await client.call(
+        "POST", "order", "/orders", as_user=BOB, json={"items": [MOUSE], "payment": VISA}
+    )
+
+    assert status == 503, problem
+    assert problem["detail"] == (
+        "the shop is busy: 2 orders are being processed; try again in a second"
+    )
+    for order_id in (first, second):
+        await client.wait_for_status(order_id, {"confirmed"}, as_user=BOB)
+
+    async def admitted() -> bool:
+        status, _ = await client.call(
+            "POST", "order", "/orders", as_user=BOB, json={"items": [MOUSE], "payment": VISA}
+        )
+        return status == 202
+
+    # the saga's last step (stock committed) and the next count free the places
+    await eventually(admitted, within=10, every=0.5)
