@@ -127,8 +127,12 @@ def insert_for(session: AsyncSession, table: Table) -> Any:
     ``on_conflict_do_update()``; on PostgreSQL a conflict with an uncommitted row waits
     for that transaction, so of two concurrent inserts exactly one wins.
     """
-    dialect = session.bind.dialect.name if session.bind is not None else "sqlite"
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    return (postgresql.insert if dialect_of(session) == "postgresql" else sqlite.insert)(table)
+
+
+def dialect_of(session: AsyncSession) -> str:
+    """``"postgresql"`` or ``"sqlite"``: the database this session talks to."""
+    return session.bind.dialect.name if session.bind is not None else "sqlite"
 
 
 def _serialise_sqlite_writers(engine: AsyncEngine) -> None:

@@ -13,10 +13,11 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from prometheus_client import Counter
 from sqlalchemy import Column, DateTime, String, Table, delete
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bus.broker import Delivery, Handler
-from bus.db import BUS_METADATA, insert_for
+from bus.db import BUS_METADATA, dialect_of
 from bus.outbox import Transactions, UnitOfWork
 
 log = structlog.get_logger("bus.inbox")
@@ -36,16 +37,21 @@ inbox_table = Table(
 UnitHandler = Callable[[Delivery, UnitOfWork], Awaitable[None]]
 
 
+# built once per dialect: building a statement costs more than sending it
+_CLAIMS = {
+    dialect: insert(inbox_table).on_conflict_do_nothing()
+    for dialect, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+}
+
+
 async def claim(session: AsyncSession, consumer: str, message_id: str) -> bool:
     """Record that ``consumer`` handles ``message_id``; False if it already did.
 
     ``ON CONFLICT DO NOTHING`` keeps the transaction usable on a duplicate, and on
     PostgreSQL a concurrent copy waits on the key until the first commits.
     """
-    statement = insert_for(session, inbox_table).values(
-        consumer=consumer, message_id=message_id, processed_at=datetime.now(UTC)
-    )
-    result = await session.execute(statement.on_conflict_do_nothing())
+    row = {"consumer": consumer, "message_id": message_id, "processed_at": datetime.now(UTC)}
+    result = await session.execute(_CLAIMS[dialect_of(session)], row)
     return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
