@@ -137,7 +137,7 @@ def load_settings(settings_type: type[Settings] = Settings, **overrides: object)
 
 def run_service(name: str, port: int | None) -> int:
     """Build the named service from its ``app.build`` and serve until signalled."""
-    from bus.service import run_until_signalled
+    from bus.service import run, run_until_signalled
 
     module_name = f"{SERVICE_MODULES[name]}.app"
     try:
@@ -152,7 +152,7 @@ def run_service(name: str, port: int | None) -> int:
     settings = load_settings(getattr(module, "Settings", Settings), **overrides)
     service = module.build(settings)
     try:
-        asyncio.run(run_until_signalled(service))
+        run(run_until_signalled(service))
     except BrokerUnavailable as error:
         raise StartupError(
             f"{name}: {error} (MICROSHOP_BROKER_URL={redacted(settings.broker_url)})"
@@ -166,10 +166,11 @@ def run_service(name: str, port: int | None) -> int:
 
 def demo_command(once: bool) -> int:
     """Run ``microshop demo`` (see :mod:`microshop.demo`)."""
+    from bus.service import run
     from microshop.demo import run_demo
 
     try:
-        return asyncio.run(run_demo(once))
+        return run(run_demo(once))
     except BrokerUnavailable as error:
         raise StartupError(f"demo: {error}") from None
     except OSError as error:
