@@ -31,6 +31,7 @@ from typing import Any
 import aio_pika
 import aiohttp
 
+from bus.service import run as run_loop
 from microshop.local import LocalSystem
 
 RESULTS = Path(__file__).parent / "results" / "saga.json"
@@ -236,7 +237,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate", type=float, default=0, help="fixed rate (default: half)")
-    result = asyncio.run(run(parser.parse_args()))
+    result = run_loop(run(parser.parse_args()))  # on the services' loop (uvloop)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
