@@ -18,6 +18,7 @@ from functools import cache
 from typing import Any, Literal, Protocol
 
 import structlog
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from bus.envelope import Envelope, InvalidMessage, Message, MessageRegistry
@@ -29,6 +30,8 @@ from bus.observability import (
     child,
     extract_trace,
     inject_trace,
+    new_trace_context,
+    spans_recorded,
     tracer,
 )
 
@@ -187,12 +190,7 @@ async def process(
     )
     started = time.perf_counter()
     try:
-        with tracer.start_as_current_span(
-            f"{envelope.type} process",
-            context=parent,
-            kind=trace.SpanKind.CONSUMER,
-            attributes=_span_attributes(envelope, queue),
-        ):
+        with _processing(envelope, queue, parent):
             await handler(Delivery(envelope, message, queue, attempt))
     except Reject as error:
         log.warning("message rejected", queue=queue, reason=str(error))
@@ -262,10 +260,34 @@ def _last_frame(error: BaseException) -> str:
 def _envelope_context(envelope: Envelope) -> Any:
     if not envelope.traceparent:
         return None
+    return extract_trace(_trace_headers(envelope))
+
+
+@contextlib.contextmanager
+def _processing(envelope: Envelope, queue: str, parent: Any) -> Iterator[None]:
+    """The handler's trace context: a CONSUMER span, or the message's context as it came
+    (a new trace id when it came without one, so the flow it starts has one of its own)."""
+    if spans_recorded():
+        with tracer.start_as_current_span(
+            f"{envelope.type} process",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes=_span_attributes(envelope, queue),
+        ):
+            yield
+        return
+    token = otel_context.attach(parent if parent is not None else new_trace_context())
+    try:
+        yield
+    finally:
+        otel_context.detach(token)
+
+
+def _trace_headers(envelope: Envelope) -> dict[str, Any]:
     carrier = {"traceparent": envelope.traceparent}
     if envelope.tracestate:
         carrier["tracestate"] = envelope.tracestate
-    return extract_trace(carrier)
+    return carrier
 
 
 def _span_attributes(envelope: Envelope, queue: str) -> dict[str, str]:
@@ -287,6 +309,10 @@ def publish_span(envelope: Envelope) -> Iterator[dict[str, Any]]:
     the message, and this keeps the hop inside that request's trace. The span is not
     made current, which spares a context switch per message on the hot path.
     """
+    if not spans_recorded():
+        # the envelope's own context goes on as the message's: no span, nothing to end
+        yield _trace_headers(envelope) if envelope.traceparent else inject_trace({})
+        return
     parent = _envelope_context(envelope) if envelope.traceparent else None
     span = tracer.start_span(
         f"{envelope.type} publish",

@@ -21,10 +21,12 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
 from prometheus_client import Counter, Gauge, Histogram
 
 tracer = trace.get_tracer("microshop.bus")
+_ids = RandomIdGenerator()
 _TRACE_KEYS = ("traceparent", "tracestate")
 
 MESSAGES_PUBLISHED = Counter(
@@ -107,6 +109,7 @@ def configure_tracing(service: str, version: str = "0.1.0") -> None:
     costs about 10 us a message. A provider installed before (by a test with an in-memory
     exporter, or by another service sharing this process in the demo) is kept.
     """
+    global _spans_recorded
     if isinstance(trace.get_tracer_provider(), TracerProvider):
         return
     resource = Resource.create({"service.name": service, "service.version": version})
@@ -117,7 +120,21 @@ def configure_tracing(service: str, version: str = "0.1.0") -> None:
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     else:
         provider = TracerProvider(resource=resource, sampler=ParentBased(ALWAYS_OFF))
+        _spans_recorded = False
     trace.set_tracer_provider(provider)
+
+
+_spans_recorded = True
+
+
+def spans_recorded() -> bool:
+    """False once :func:`configure_tracing` has installed the provider that records nothing.
+
+    The bus's hot paths then pass trace context along without making spans for it: a
+    message carries on the trace it was written in, and its handler runs in that context,
+    so logs and outgoing messages keep the trace id at a fraction of the cost.
+    """
+    return _spans_recorded
 
 
 @functools.cache
@@ -143,6 +160,14 @@ def extract_trace(carrier: Mapping[str, Any]) -> otel_context.Context:
     return propagate.extract(
         {key: carrier[key] for key in _TRACE_KEYS if isinstance(carrier.get(key), str)}
     )
+
+
+def new_trace_context() -> otel_context.Context:
+    """A context with a fresh, unsampled trace: ids for logs and propagation, no span."""
+    span = trace.NonRecordingSpan(
+        trace.SpanContext(_ids.generate_trace_id(), _ids.generate_span_id(), is_remote=False)
+    )
+    return trace.set_span_in_context(span)
 
 
 def current_traceparent() -> tuple[str | None, str | None]:

@@ -12,6 +12,7 @@ import aio_pika
 import pytest
 from opentelemetry import trace
 
+from bus import observability
 from bus.amqp import AmqpBroker
 from bus.broker import Broker, Delivery, Reject, Unroutable
 from bus.envelope import Envelope, Event, MessageRegistry
@@ -266,6 +267,25 @@ async def test_trace_context_survives_publish_consume_hop(rig: Rig, spans: Any) 
     assert {"http request", "test.pinged publish", "test.pinged process"} <= names
 
 
+async def test_without_recorded_spans_the_trace_id_still_crosses_the_hop(
+    rig: Rig, spans: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(observability, "_spans_recorded", False)  # a service with no exporter
+    trace_ids: list[int] = []
+
+    async def record_trace(delivery: Delivery) -> None:
+        trace_ids.append(trace.get_current_span().get_span_context().trace_id)
+
+    await rig.broker.consume(rig.queue(), [Pinged.type], Recorder(record_trace), REGISTRY)
+
+    with trace.get_tracer("test").start_as_current_span("http request") as span:
+        await rig.broker.publish(ping(1))
+        expected = span.get_span_context().trace_id
+
+    await eventually(lambda: trace_ids == [expected])
+    assert [s.name for s in spans.get_finished_spans()] == ["http request"]
+
+
 async def test_stop_lets_in_flight_handler_finish(rig: Rig) -> None:
     started, finished = asyncio.Event(), asyncio.Event()
 
@@ -318,3 +338,21 @@ async def test_a_failing_observer_drops_the_message_without_retrying(rig: Rig) -
     await eventually(lambda: len(seen.deliveries) == 2)
     await asyncio.sleep(0.2)
     assert [d.attempt for d in seen.deliveries] == [1, 1]
+
+
+async def test_without_recorded_spans_a_message_with_no_trace_starts_one(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(observability, "_spans_recorded", False)
+    trace_ids: list[int] = []
+
+    async def record_trace(delivery: Delivery) -> None:
+        trace_ids.append(trace.get_current_span().get_span_context().trace_id)
+
+    await rig.broker.consume(rig.queue(), [Pinged.type], Recorder(record_trace), REGISTRY)
+    await rig.broker.publish(ping(1))  # outside any trace, as a plain AMQP client would
+    await rig.broker.publish(ping(2))
+
+    await eventually(lambda: len(trace_ids) == 2)
+    assert all(trace_ids), "each handler ran in a trace"
+    assert trace_ids[0] != trace_ids[1]
