@@ -29,6 +29,7 @@ from aio_pika.abc import (
     AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from aiormq.abc import AbstractChannel
 from pamqp.commands import Basic
 
 from bus.broker import (
@@ -47,6 +48,7 @@ from bus.envelope import CONTENT_TYPE, Envelope, MessageRegistry
 from bus.observability import MESSAGES_PUBLISHED, child
 
 log = structlog.get_logger("bus.amqp")
+PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 _QUORUM = {
     "x-queue-type": "quorum",
@@ -136,15 +138,14 @@ class AmqpBroker:
         with publish_span(envelope) as headers:
             # the body carries source, time and correlation id; AMQP gets only what
             # brokers and plain clients route or dedupe by (every property costs encoding)
-            message = aio_pika.Message(
-                envelope.to_json(),
+            properties = Basic.Properties(
                 content_type=CONTENT_TYPE,
-                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                delivery_mode=PERSISTENT,
                 message_id=envelope.id,
-                type=envelope.type,
+                message_type=envelope.type,
                 headers=headers,
             )
-            await self._publish(self._events(), message, envelope.type)
+            await self._publish(self.exchange_name, envelope.to_json(), properties, envelope.type)
         child(MESSAGES_PUBLISHED, envelope.source, envelope.type).inc()
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
@@ -157,10 +158,21 @@ class AmqpBroker:
                 raise result
         return [result if isinstance(result, BaseException) else None for result in results]
 
-    async def _publish(self, exchange: AbstractExchange, message: Any, routing_key: str) -> None:
+    async def _publish(
+        self, exchange: str, body: bytes, properties: Basic.Properties, routing_key: str
+    ) -> None:
+        # straight to the channel under aio-pika's Exchange.publish, which does no more
+        # than this once it has built an aio_pika.Message: building one costs more
+        self._events()  # connected?
         try:
-            await exchange.publish(
-                message, routing_key=routing_key, mandatory=True, timeout=self.confirm_timeout
+            channel = await self._publish_channel().get_underlay_channel()
+            await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=True,
+                timeout=self.confirm_timeout,
             )
         except aiormq.exceptions.DeliveryError as error:
             if isinstance(error.frame, Basic.Return):
@@ -265,15 +277,14 @@ class AmqpBroker:
         self, queue: str, message: AbstractIncomingMessage, headers: dict[str, Any]
     ) -> None:
         """Copy a delivery straight to ``queue`` (default exchange) with extra headers."""
-        copy = aio_pika.Message(
-            message.body,
+        properties = Basic.Properties(
             headers={**(message.headers or {}), **headers},
             content_type=message.content_type,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=PERSISTENT,
             message_id=message.message_id,
-            type=message.type,
+            message_type=message.type,
         )
-        await self._publish(self._publish_channel().default_exchange, copy, queue)
+        await self._publish("", message.body, properties, queue)  # "": the default exchange
 
 
 def retry_queue(queue: str, delay_ms: int) -> str:
@@ -299,6 +310,7 @@ class _AmqpConsumer:
         self._registry = registry
         self._tag: str | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
+        self._acks = _Acks()
 
     async def start(self) -> None:
         self._tag = await self._queue.consume(self._on_message)
@@ -307,6 +319,7 @@ class _AmqpConsumer:
         task = asyncio.current_task()
         if task is not None:
             self._inflight.add(task)
+        self._acks.delivered(message)
         try:
             await self._settle(message)
         finally:
@@ -332,7 +345,7 @@ class _AmqpConsumer:
                 await self._broker.send_to_queue(target, message, headers=outcome.headers)
             elif outcome.action == "dead_letter":
                 await self._broker.send_to_queue(f"{queue}.dlq", message, headers=outcome.headers)
-            await message.ack()
+            self._acks.settled(message)
         except (BrokerUnavailable, Unroutable, aiormq.exceptions.AMQPError, RuntimeError) as error:
             # not acked: the broker redelivers it; the inbox makes the second run a no-op
             log.warning("could not settle message; it will be redelivered", error=str(error))
@@ -349,7 +362,73 @@ class _AmqpConsumer:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+        await self._acks.sent()
         with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
             await self._channel.close()
         if self in self._broker._consumers:
             self._broker._consumers.remove(self)
+
+
+class _Acks:
+    """The acks of one consumer, coalesced: what settles in one turn of the loop goes out
+    together, as one ``multiple`` ack where the delivery tags allow it.
+
+    An ack covering tags up to N is only sent when no tag below N on that channel is still
+    being handled, so a message never counts as done before it is. No ack waits longer than
+    the current turn of the loop, so a slow handler never holds back the others' acks: the
+    ones it would be covered with go one by one. A channel that closed meanwhile gets no
+    acks; the broker delivers its unacked messages again, and the inbox skips them.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[AbstractChannel, set[int]] = {}  # delivered, not yet settled
+        self._settled: list[AbstractIncomingMessage] = []
+        self._flush: asyncio.Task[None] | None = None
+
+    def delivered(self, message: AbstractIncomingMessage) -> None:
+        """A delivery arrived: its tag is outstanding until it is settled."""
+        if message.channel not in self._open:  # a new channel: forget the ones that closed
+            for closed in [channel for channel in self._open if channel.is_closed]:
+                del self._open[closed]
+        self._open.setdefault(message.channel, set()).add(message.delivery_tag or 0)
+
+    def settled(self, message: AbstractIncomingMessage) -> None:
+        """The delivery is done with: ack it in this turn of the loop's batch."""
+        self._settled.append(message)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().create_task(self._send())
+
+    async def sent(self) -> None:
+        """Wait for the acks in hand to be written (before the channel closes)."""
+        while self._flush is not None:
+            await asyncio.shield(self._flush)
+
+    async def _send(self) -> None:
+        try:
+            batch, self._settled = self._settled, []
+            by_channel: dict[AbstractChannel, list[AbstractIncomingMessage]] = {}
+            for message in batch:
+                by_channel.setdefault(message.channel, []).append(message)
+            for channel, messages in by_channel.items():
+                await self._ack(channel, messages)
+        finally:
+            self._flush = None
+            if self._settled:  # settled while this batch was being written
+                self._flush = asyncio.get_running_loop().create_task(self._send())
+
+    async def _ack(self, channel: AbstractChannel, messages: list[AbstractIncomingMessage]) -> None:
+        outstanding = self._open.get(channel, set())
+        tags = sorted(message.delivery_tag or 0 for message in messages)
+        outstanding.difference_update(tags)
+        if channel.is_closed:
+            self._open.pop(channel, None)
+            return
+        floor = min(outstanding, default=None)
+        covered = [tag for tag in tags if floor is None or tag < floor]
+        try:
+            if covered:
+                await channel.basic_ack(covered[-1], multiple=True)
+            for tag in tags[len(covered) :]:
+                await channel.basic_ack(tag)
+        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as error:
+            log.warning("acks not sent; the broker will deliver those again", error=str(error))

@@ -310,8 +310,14 @@ def publish_span(envelope: Envelope) -> Iterator[dict[str, Any]]:
     made current, which spares a context switch per message on the hot path.
     """
     if not spans_recorded():
-        # the envelope's own context goes on as the message's: no span, nothing to end
-        yield _trace_headers(envelope) if envelope.traceparent else inject_trace({})
+        # the envelope's own context goes on as the message's (else the current one, if
+        # any): no span, nothing to end
+        if envelope.traceparent:
+            yield _trace_headers(envelope)
+        elif trace.get_current_span().get_span_context().is_valid:
+            yield inject_trace({})
+        else:
+            yield {}
         return
     parent = _envelope_context(envelope) if envelope.traceparent else None
     span = tracer.start_span(

@@ -146,3 +146,27 @@ async def test_two_relays_on_postgres_publish_each_row_once(
     await eventually(lambda: len(seen) == 300)
     await asyncio.sleep(0.2)
     assert len(set(seen)) == len(seen) == 300
+
+
+async def test_a_slow_handler_holds_back_no_other_ack(amqp: AmqpBroker, unique: str) -> None:
+    # acks go out together where the tags allow; the ones above a message still being
+    # handled must still go out, one by one, or a slow message would stall the rest
+    release, done = asyncio.Event(), list[str]()
+
+    async def handle(delivery: Delivery) -> None:
+        name = delivery.message.name  # type: ignore[attr-defined]
+        if name == "slow":
+            await release.wait()
+        done.append(name)
+
+    consumer = await amqp.consume(unique, [ThingMade.type], handle, REGISTRY)
+    for name in ("slow", "a", "b", "c", "d"):
+        await amqp.publish(Envelope.wrap(ThingMade(name=name), source="/tests"))
+    await eventually(lambda: sorted(done) == ["a", "b", "c", "d"])
+
+    await consumer.stop(grace=0.2)  # the slow one is cut off, unacked
+
+    channel = await amqp.connection.channel()
+    queue = await channel.declare_queue(unique, passive=True)
+    await channel.close()
+    assert queue.declaration_result.message_count == 1, "only the unfinished message is back"
