@@ -335,7 +335,8 @@ class _AmqpConsumer:
             routing_key=message.routing_key or "",
             handler=self._handler,
             registry=self._registry,
-            retry_delays_ms=() if self._transient else self._broker.retry_delays_ms,
+            retry_delays_ms=self._broker.retry_delays_ms,
+            observer=self._transient,
         )
         try:
             if self._transient:

@@ -166,13 +166,15 @@ async def process(
     handler: Handler,
     registry: MessageRegistry,
     retry_delays_ms: Sequence[int],
+    observer: bool = False,
 ) -> Outcome:
     """Parse, validate and handle one delivery, and decide what the broker does next.
 
     Invalid messages and :class:`Reject` go to the dead-letter queue at once; any other
     handler failure is retried after ``retry_delays_ms[attempt - 1]`` until the delays run
-    out, then dead-lettered. Cancellation propagates: the message is left unacked, so the
-    broker delivers it again.
+    out, then dead-lettered. An ``observer`` (see :meth:`Broker.subscribe`) neither retries
+    nor dead-letters: what it cannot handle is logged and dropped. Cancellation
+    propagates: the message is left unacked, so the broker delivers it again.
     """
     attempt = int(headers.get(ATTEMPT_HEADER, 0)) + 1
     # a retried message comes back through the default exchange: keep its first routing key
@@ -180,6 +182,9 @@ async def process(
     try:
         envelope, message = registry.parse(body)
     except InvalidMessage as error:
+        if observer:
+            log.warning("invalid message ignored", queue=queue, reason=str(error))
+            return Outcome("ack")
         log.warning("invalid message dead-lettered", queue=queue, reason=str(error))
         return _dead_letter(queue, routing_key, "unknown", str(error), "invalid", attempt)
 
@@ -194,9 +199,14 @@ async def process(
             await handler(Delivery(envelope, message, queue, attempt))
     except Reject as error:
         log.warning("message rejected", queue=queue, reason=str(error))
+        if observer:
+            return Outcome("ack")
         return _dead_letter(queue, routing_key, envelope.type, str(error), "rejected", attempt)
     except Exception as error:
         reason = f"{type(error).__name__}: {error}"
+        if observer:
+            log.error("observer failed on a message; dropped", exc_info=error)
+            return Outcome("ack")
         if attempt <= len(retry_delays_ms):
             log.warning("handler failed, will retry", attempt=attempt, error=reason)
             child(MESSAGES_RETRIED, queue, envelope.type).inc()

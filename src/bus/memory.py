@@ -197,7 +197,8 @@ class _MemoryConsumer:
                 routing_key=item.routing_key,
                 handler=self._handler,
                 registry=self._registry,
-                retry_delays_ms=() if self._transient else self._broker.retry_delays_ms,
+                retry_delays_ms=self._broker.retry_delays_ms,
+                observer=self._transient,
             )
         except asyncio.CancelledError:
             # the consumer died before acking: the broker keeps the message for redelivery

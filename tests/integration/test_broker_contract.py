@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import aio_pika
 import pytest
+import structlog
 from opentelemetry import trace
 
 from bus import observability
@@ -332,12 +333,16 @@ async def test_a_failing_observer_drops_the_message_without_retrying(rig: Rig) -
 
     seen = Recorder(broken)
     await rig.broker.subscribe([Pinged.type], seen, REGISTRY)
-    await rig.broker.publish(ping(1))
-    await rig.broker.publish(ping(2))
+    with structlog.testing.capture_logs() as logs:
+        await rig.broker.publish(ping(1))
+        await rig.broker.publish(ping(2))
 
-    await eventually(lambda: len(seen.deliveries) == 2)
-    await asyncio.sleep(0.2)
+        await eventually(lambda: len(seen.deliveries) == 2)
+        await asyncio.sleep(0.2)
     assert [d.attempt for d in seen.deliveries] == [1, 1]
+    events = [entry["event"] for entry in logs]
+    assert events.count("observer failed on a message; dropped") == 2
+    assert not [event for event in events if "dead-letter" in event or "giving up" in event]
 
 
 async def test_without_recorded_spans_a_message_with_no_trace_starts_one(
