@@ -251,13 +251,19 @@ async def test_reject_dead_letters_at_once(rig: Rig) -> None:
     assert len(seen.deliveries) == 1
 
 
-async def test_trace_context_survives_publish_consume_hop(rig: Rig, spans: Any) -> None:
+async def trace_ids_in_handler(rig: Rig) -> list[int]:
+    """Consume on the rig; return the trace ids the handler runs in, as they come."""
     trace_ids: list[int] = []
 
     async def record_trace(delivery: Delivery) -> None:
         trace_ids.append(trace.get_current_span().get_span_context().trace_id)
 
     await rig.broker.consume(rig.queue(), [Pinged.type], Recorder(record_trace), REGISTRY)
+    return trace_ids
+
+
+async def test_trace_context_survives_publish_consume_hop(rig: Rig, spans: Any) -> None:
+    trace_ids = await trace_ids_in_handler(rig)
 
     with trace.get_tracer("test").start_as_current_span("http request") as span:
         await rig.broker.publish(ping(1))
@@ -272,12 +278,7 @@ async def test_without_recorded_spans_the_trace_id_still_crosses_the_hop(
     rig: Rig, spans: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(observability, "_spans_recorded", False)  # a service with no exporter
-    trace_ids: list[int] = []
-
-    async def record_trace(delivery: Delivery) -> None:
-        trace_ids.append(trace.get_current_span().get_span_context().trace_id)
-
-    await rig.broker.consume(rig.queue(), [Pinged.type], Recorder(record_trace), REGISTRY)
+    trace_ids = await trace_ids_in_handler(rig)
 
     with trace.get_tracer("test").start_as_current_span("http request") as span:
         await rig.broker.publish(ping(1))
@@ -349,12 +350,7 @@ async def test_without_recorded_spans_a_message_with_no_trace_starts_one(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(observability, "_spans_recorded", False)
-    trace_ids: list[int] = []
-
-    async def record_trace(delivery: Delivery) -> None:
-        trace_ids.append(trace.get_current_span().get_span_context().trace_id)
-
-    await rig.broker.consume(rig.queue(), [Pinged.type], Recorder(record_trace), REGISTRY)
+    trace_ids = await trace_ids_in_handler(rig)
     await rig.broker.publish(ping(1))  # outside any trace, as a plain AMQP client would
     await rig.broker.publish(ping(2))
 
