@@ -23,7 +23,6 @@ import aio_pika
 import aiormq
 import structlog
 from aio_pika.abc import (
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
@@ -89,7 +88,6 @@ class AmqpBroker:
         self.dlx_name = DEAD_LETTER_EXCHANGE if exchange == EXCHANGE else f"{exchange}.dlx"
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
-        self._exchange: AbstractExchange | None = None
         self._consumers: list[_AmqpConsumer] = []
 
     @property
@@ -118,7 +116,7 @@ class AmqpBroker:
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        self._exchange = await self._channel.declare_exchange(
+        await self._channel.declare_exchange(
             self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
         )
         await self._channel.declare_exchange(
@@ -131,7 +129,7 @@ class AmqpBroker:
             await consumer.stop()
         if self._connection is not None:
             await self._connection.close()
-        self._connection = self._channel = self._exchange = None
+        self._connection = self._channel = None
 
     async def publish(self, envelope: Envelope) -> None:
         """Publish persistently with ``mandatory`` and wait for the confirm."""
@@ -163,9 +161,9 @@ class AmqpBroker:
     ) -> None:
         # straight to the channel under aio-pika's Exchange.publish, which does no more
         # than this once it has built an aio_pika.Message: building one costs more
-        self._events()  # connected?
+        publishing = self._publish_channel()
         try:
-            channel = await self._publish_channel().get_underlay_channel()
+            channel = await publishing.get_underlay_channel()
             await channel.basic_publish(
                 body,
                 exchange=exchange,
@@ -180,11 +178,6 @@ class AmqpBroker:
             raise BrokerUnavailable(f"the broker refused {routing_key!r} (nack)") from None
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError, RuntimeError) as error:
             raise BrokerUnavailable(f"publish of {routing_key!r} not confirmed: {error}") from error
-
-    def _events(self) -> AbstractExchange:
-        if self._exchange is None:
-            raise BrokerUnavailable("the broker is not connected; call connect() first")
-        return self._exchange
 
     def _publish_channel(self) -> AbstractRobustChannel:
         if self._channel is None:
