@@ -67,14 +67,13 @@ class Database:
         # the first statement on a stale connection fails, SQLAlchemy discards the pool,
         # and that one message is retried (or that one request answered 503) like any
         # other failure; connections are also recycled before a server could drop them.
-        # pg_stat_activity names the service each connection belongs to
-        name = {"application_name": self.schema or "microshop"}
         return create_async_engine(
             self.url,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_recycle=1800,
-            connect_args={"server_settings": name},
+            # pg_stat_activity names the service each connection belongs to
+            connect_args={"server_settings": {"application_name": self.schema or "microshop"}},
             execution_options=options,
         )
 

@@ -43,13 +43,19 @@ class Admission:
         """Orders in flight, as far as this instance knows."""
         return self.counted + self.admitted_since
 
-    def admit(self) -> bool:
-        """Take one more order, unless that would pass the ceiling (0: no ceiling)."""
+    def has_room(self) -> bool:
+        """Whether one more order may come in (a ``limit`` of 0: no ceiling).
+
+        The ceiling is soft: requests that find room at the same moment all come in.
+        """
         if self.limit and self.in_flight >= self.limit:
             TURNED_AWAY.inc()
             return False
-        self.admitted_since += 1
         return True
+
+    def took_one(self) -> None:
+        """An order was placed: it counts as in flight until the next recount."""
+        self.admitted_since += 1
 
     def recount(self, in_flight: int) -> None:
         """The database's count replaces the estimate."""

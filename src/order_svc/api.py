@@ -92,7 +92,7 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
     if key and (existing := await _order_for_key(request, caller.user_id, key, fingerprint)):
         return _accepted(existing)
     admission = request.app[ADMISSION]
-    if not admission.admit():
+    if not admission.has_room():
         raise HttpProblem(
             f"the shop is busy: {admission.in_flight} orders are being processed; "
             "try again in a second",
@@ -156,6 +156,7 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
         if key and (existing := await _order_for_key(request, caller.user_id, key, fingerprint)):
             return _accepted(existing)
         raise
+    admission.took_one()
     return _accepted(new_order_view(values, priced))
 
 
