@@ -14,7 +14,7 @@ import structlog
 from prometheus_client import Counter
 from sqlalchemy import Column, DateTime, String, Table, delete
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery, Handler
 from bus.db import BUS_METADATA, dialect_of
@@ -44,7 +44,7 @@ _CLAIMS = {
 }
 
 
-async def claim(session: AsyncSession, consumer: str, message_id: str) -> bool:
+async def claim(session: AsyncConnection, consumer: str, message_id: str) -> bool:
     """Record that ``consumer`` handles ``message_id``; False if it already did.
 
     ``ON CONFLICT DO NOTHING`` keeps the transaction usable on a duplicate, and on
@@ -52,7 +52,7 @@ async def claim(session: AsyncSession, consumer: str, message_id: str) -> bool:
     """
     row = {"consumer": consumer, "message_id": message_id, "processed_at": datetime.now(UTC)}
     result = await session.execute(_CLAIMS[dialect_of(session)], row)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(result.rowcount)
 
 
 def idempotent(transactions: Transactions, consumer: str, handler: UnitHandler) -> Handler:
@@ -73,7 +73,7 @@ def idempotent(transactions: Transactions, consumer: str, handler: UnitHandler) 
     return handle
 
 
-async def prune(session: AsyncSession, older_than: timedelta) -> None:
+async def prune(session: AsyncConnection, older_than: timedelta) -> None:
     """Forget inbox entries older than ``older_than`` (duplicates arrive within minutes)."""
     cutoff = datetime.now(UTC) - older_than
     await session.execute(delete(inbox_table).where(inbox_table.c.processed_at < cutoff))

@@ -31,7 +31,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Broker, Unroutable
 from bus.db import BUS_METADATA, Database
@@ -79,7 +79,7 @@ class UnitOfWork:
     commits, and the relay publishes it afterwards.
     """
 
-    def __init__(self, session: AsyncSession, source: str, causation: Envelope | None) -> None:
+    def __init__(self, session: AsyncConnection, source: str, causation: Envelope | None) -> None:
         self.session = session
         self.source = source
         self.causation = causation

@@ -11,7 +11,7 @@ from decimal import Decimal
 from typing import TypeVar
 
 import structlog
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery, Reject
 from bus.envelope import Event, Message
@@ -43,7 +43,7 @@ def _message(delivery: Delivery, model: type[M]) -> M:
     return delivery.message
 
 
-async def _existing(session: AsyncSession, order_id: str, *, lock: bool) -> store.Reservation:
+async def _existing(session: AsyncConnection, order_id: str, *, lock: bool) -> store.Reservation:
     reservation = await store.get_reservation(session, order_id, lock=lock)
     if reservation is None:  # the claim just found it, and reservations are never deleted
         raise RuntimeError(f"reservation of order {order_id} vanished")
@@ -86,7 +86,7 @@ async def reserve_stock(delivery: Delivery, unit: UnitOfWork) -> None:
     unit.publish(StockReserved(order_id=order_id, items=held, total=total))
 
 
-async def _hold_all(session: AsyncSession, lines: list[LineItem]) -> list[ReservedItem]:
+async def _hold_all(session: AsyncConnection, lines: list[LineItem]) -> list[ReservedItem]:
     if not lines:
         raise _Shortage([])
     held, failed = [], []
@@ -104,7 +104,7 @@ async def _hold_all(session: AsyncSession, lines: list[LineItem]) -> list[Reserv
 
 
 async def _reject(
-    session: AsyncSession, order_id: str, failed: list[LineItem], now: datetime
+    session: AsyncConnection, order_id: str, failed: list[LineItem], now: datetime
 ) -> StockRejected:
     available = await store.available_units(session, (line.product_id for line in failed))
     short = domain.shortfalls(failed, available)
@@ -190,7 +190,7 @@ async def release_stock(delivery: Delivery, unit: UnitOfWork) -> None:
 
 
 async def _release(
-    session: AsyncSession,
+    session: AsyncConnection,
     reservation: store.Reservation,
     status: ReservationStatus,
     reason: str | None,

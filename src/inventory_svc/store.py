@@ -29,7 +29,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.db import insert_for
 from inventory_svc.domain import ReservationStatus, StockDelta
@@ -152,7 +152,7 @@ def utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _insert_or_skip(session: AsyncSession, table: Table) -> Any:
+def _insert_or_skip(session: AsyncConnection, table: Table) -> Any:
     # ON CONFLICT DO NOTHING: a concurrent twin waits on the key instead of failing
     return insert_for(session, table).on_conflict_do_nothing()
 
@@ -161,7 +161,7 @@ def _insert_or_skip(session: AsyncSession, table: Table) -> Any:
 
 
 async def add_product(
-    session: AsyncSession, product_id: str, name: str, price: Decimal, stock: int, now: datetime
+    session: AsyncConnection, product_id: str, name: str, price: Decimal, stock: int, now: datetime
 ) -> Product | None:
     """Insert a product; ``None`` when the id is taken."""
     values = {"id": product_id, "name": name, "price": price, "stock": stock}
@@ -172,7 +172,7 @@ async def add_product(
 
 
 async def get_product(
-    session: AsyncSession, product_id: str, *, lock: bool = False
+    session: AsyncConnection, product_id: str, *, lock: bool = False
 ) -> Product | None:
     """One product, optionally locked until the transaction ends."""
     query = select(*_PRODUCT).where(products.c.id == product_id)
@@ -183,7 +183,7 @@ async def get_product(
 
 
 async def list_products(
-    session: AsyncSession, limit: int, offset: int
+    session: AsyncConnection, limit: int, offset: int
 ) -> tuple[list[Product], int]:
     """A page of products by id, and how many there are."""
     query = select(*_PRODUCT).order_by(products.c.id).limit(limit).offset(offset)
@@ -192,13 +192,13 @@ async def list_products(
     return [Product(**row._mapping) for row in rows], int(total or 0)
 
 
-async def has_products(session: AsyncSession) -> bool:
+async def has_products(session: AsyncConnection) -> bool:
     """True when the catalogue holds at least one product."""
     return await session.scalar(select(products.c.id).limit(1)) is not None
 
 
 async def rename_or_reprice(
-    session: AsyncSession, product_id: str, changes: dict[str, Any], now: datetime
+    session: AsyncConnection, product_id: str, changes: dict[str, Any], now: datetime
 ) -> Product | None:
     """Set ``name`` and/or ``price``; ``None`` when there is no such product."""
     statement = (
@@ -212,7 +212,7 @@ async def rename_or_reprice(
 
 
 async def move_stock(
-    session: AsyncSession, product_id: str, delta: StockDelta, now: datetime
+    session: AsyncConnection, product_id: str, delta: StockDelta, now: datetime
 ) -> Product | None:
     """Add ``delta`` to a product's counters; ``None`` when there is no such product."""
     statement = (
@@ -230,7 +230,7 @@ async def move_stock(
     return Product(**row._mapping) if row is not None else None
 
 
-async def hold_units(session: AsyncSession, product_id: str, quantity: int) -> Decimal | None:
+async def hold_units(session: AsyncConnection, product_id: str, quantity: int) -> Decimal | None:
     """Reserve ``quantity`` units if that many are free; the unit price, or ``None``.
 
     The guard sits in the UPDATE itself: on PostgreSQL a concurrent reservation of the
@@ -246,7 +246,7 @@ async def hold_units(session: AsyncSession, product_id: str, quantity: int) -> D
     return price
 
 
-async def available_units(session: AsyncSession, product_ids: Iterable[str]) -> dict[str, int]:
+async def available_units(session: AsyncConnection, product_ids: Iterable[str]) -> dict[str, int]:
     """Free units per known product among ``product_ids``."""
     query = select(products.c.id, products.c.stock - products.c.reserved).where(
         products.c.id.in_(list(product_ids))
@@ -258,7 +258,7 @@ async def available_units(session: AsyncSession, product_ids: Iterable[str]) -> 
 
 
 async def claim_reservation(
-    session: AsyncSession,
+    session: AsyncConnection,
     order_id: str,
     status: ReservationStatus,
     now: datetime,
@@ -276,11 +276,11 @@ async def claim_reservation(
         updated_at=now,
     )
     result = await session.execute(statement)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(result.rowcount)
 
 
 async def update_reservation(
-    session: AsyncSession,
+    session: AsyncConnection,
     order_id: str,
     status: ReservationStatus,
     now: datetime,
@@ -306,7 +306,7 @@ async def update_reservation(
 
 
 async def get_reservation(
-    session: AsyncSession, order_id: str, *, lock: bool = False
+    session: AsyncConnection, order_id: str, *, lock: bool = False
 ) -> Reservation | None:
     """An order's reservation with its lines, optionally locked until the transaction ends."""
     query = select(reservations).where(reservations.c.order_id == order_id)
@@ -315,7 +315,7 @@ async def get_reservation(
     return await _load(session, query)
 
 
-async def due_for_expiry(session: AsyncSession, cutoff: datetime, limit: int) -> list[str]:
+async def due_for_expiry(session: AsyncConnection, cutoff: datetime, limit: int) -> list[str]:
     """Orders still holding units reserved at or before ``cutoff``, oldest first."""
     query = (
         select(reservations.c.order_id)
@@ -326,7 +326,9 @@ async def due_for_expiry(session: AsyncSession, cutoff: datetime, limit: int) ->
     return list((await session.scalars(query)).all())
 
 
-async def lock_if_due(session: AsyncSession, order_id: str, cutoff: datetime) -> Reservation | None:
+async def lock_if_due(
+    session: AsyncConnection, order_id: str, cutoff: datetime
+) -> Reservation | None:
     """The reservation, locked, if it is still due; ``None`` if done or another sweep has it.
 
     ``SKIP LOCKED`` (PostgreSQL) lets two instances sweep side by side without waiting on,
@@ -340,7 +342,7 @@ async def lock_if_due(session: AsyncSession, order_id: str, cutoff: datetime) ->
     return await _load(session, query)
 
 
-async def _load(session: AsyncSession, query: Any) -> Reservation | None:
+async def _load(session: AsyncConnection, query: Any) -> Reservation | None:
     row = (await session.execute(query)).first()
     if row is None:
         return None

@@ -11,7 +11,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.web import (
     CORRELATION_ID,
@@ -230,7 +230,7 @@ async def _cancel(request: web.Request, order_id: str, reason: str) -> web.Strea
     return json_response(await _existing_view(request, order_id), status=202)
 
 
-async def _locked(session: AsyncSession, order_id: str) -> store.Order:
+async def _locked(session: AsyncConnection, order_id: str) -> store.Order:
     order = await store.lock_order(session, order_id)
     if order is None:
         raise NotFound(f"no order {order_id}")

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import structlog
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.db import insert_for
 from bus.resilience import CircuitBreaker, retry_call
@@ -36,13 +36,13 @@ class KnownProduct:
     price: Decimal
 
 
-def _upsert(session: AsyncSession, table: Any, values: dict[str, Any]) -> Any:
+def _upsert(session: AsyncConnection, table: Any, values: dict[str, Any]) -> Any:
     statement = insert_for(session, table).values(**values)
     changes = {key: value for key, value in values.items() if key != "id"}
     return statement.on_conflict_do_update(index_elements=["id"], set_=changes)
 
 
-async def save_user(session: AsyncSession, event: Any, event_type: str) -> None:
+async def save_user(session: AsyncConnection, event: Any, event_type: str) -> None:
     """Record what a ``user.*`` event says of a user."""
     status = "deleted" if event_type == "user.deleted" else event.status
     values = {
@@ -55,7 +55,7 @@ async def save_user(session: AsyncSession, event: Any, event_type: str) -> None:
     await session.execute(_upsert(session, store.users, values))
 
 
-async def remember_user(session: AsyncSession, user: dict[str, Any]) -> None:
+async def remember_user(session: AsyncConnection, user: dict[str, Any]) -> None:
     """Record a user as the user service described it over HTTP (``GET /users/{id}``)."""
     values = {
         "id": user["id"],
@@ -67,19 +67,19 @@ async def remember_user(session: AsyncSession, user: dict[str, Any]) -> None:
     await session.execute(_upsert(session, store.users, values))
 
 
-async def save_product(session: AsyncSession, product: KnownProduct) -> None:
+async def save_product(session: AsyncConnection, product: KnownProduct) -> None:
     """Record a product's name and price (from its events, or as inventory answered)."""
     values = {"id": product.id, "name": product.name, "price_cents": store.cents(product.price)}
     await session.execute(_upsert(session, store.products, values))
 
 
-async def known_user(session: AsyncSession, user_id: str) -> KnownUser | None:
+async def known_user(session: AsyncConnection, user_id: str) -> KnownUser | None:
     """The replica's copy of a user, if it has one."""
     row = (await session.execute(select(store.users).where(store.users.c.id == user_id))).first()
     return KnownUser(row.id, row.status) if row else None
 
 
-async def known_products(session: AsyncSession, ids: set[str]) -> dict[str, KnownProduct]:
+async def known_products(session: AsyncConnection, ids: set[str]) -> dict[str, KnownProduct]:
     """The replica's copies of these products."""
     query = select(store.products).where(store.products.c.id.in_(ids))
     return {

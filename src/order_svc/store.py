@@ -26,7 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from order_svc.domain import OrderStatus, SagaStep
 
@@ -161,7 +161,7 @@ class Order:
         )
 
 
-async def lock_order(session: AsyncSession, order_id: str) -> Order | None:
+async def lock_order(session: AsyncConnection, order_id: str) -> Order | None:
     """Read an order and lock it for this transaction (SQLite locks the whole file)."""
     query = select(orders).where(orders.c.id == order_id).with_for_update()
     row = (await session.execute(query)).one_or_none()
@@ -173,7 +173,7 @@ Line = tuple[str, int, Decimal]
 
 
 async def insert_order(
-    session: AsyncSession, values: dict[str, Any], lines: Sequence[Line]
+    session: AsyncConnection, values: dict[str, Any], lines: Sequence[Line]
 ) -> None:
     """Insert an order, its lines and the first history entry."""
     at = values["created_at"]
@@ -190,7 +190,7 @@ async def insert_order(
     )
 
 
-async def update_order(session: AsyncSession, order_id: str, **values: Any) -> None:
+async def update_order(session: AsyncConnection, order_id: str, **values: Any) -> None:
     """Change columns of one order (and its ``updated_at``)."""
     await session.execute(
         update(orders).where(orders.c.id == order_id).values(updated_at=now(), **values)
@@ -198,7 +198,7 @@ async def update_order(session: AsyncSession, order_id: str, **values: Any) -> N
 
 
 async def record_status(
-    session: AsyncSession, order_id: str, status: OrderStatus, reason: str | None, **values: Any
+    session: AsyncConnection, order_id: str, status: OrderStatus, reason: str | None, **values: Any
 ) -> None:
     """Set a new status with its reason, and append it to the history."""
     at = now()
@@ -212,7 +212,9 @@ async def record_status(
     )
 
 
-async def set_line_prices(session: AsyncSession, order_id: str, prices: dict[str, Decimal]) -> None:
+async def set_line_prices(
+    session: AsyncConnection, order_id: str, prices: dict[str, Decimal]
+) -> None:
     """Replace provisional unit prices with the ones stock was reserved at (one statement)."""
     if not prices:
         return
@@ -228,7 +230,7 @@ async def set_line_prices(session: AsyncSession, order_id: str, prices: dict[str
     )
 
 
-async def order_lines(session: AsyncSession, order_id: str) -> list[tuple[str, int]]:
+async def order_lines(session: AsyncConnection, order_id: str) -> list[tuple[str, int]]:
     """``(product_id, quantity)`` of each line."""
     query = select(order_items.c.product_id, order_items.c.quantity).where(
         order_items.c.order_id == order_id
@@ -236,7 +238,7 @@ async def order_lines(session: AsyncSession, order_id: str) -> list[tuple[str, i
     return [(row.product_id, row.quantity) for row in await session.execute(query)]
 
 
-async def due_orders(session: AsyncSession, limit: int, skip_locked: bool) -> list[Order]:
+async def due_orders(session: AsyncConnection, limit: int, skip_locked: bool) -> list[Order]:
     """Orders whose saga step is overdue, locked for this transaction."""
     query = (
         select(orders)
@@ -248,12 +250,12 @@ async def due_orders(session: AsyncSession, limit: int, skip_locked: bool) -> li
     return [Order.from_row(row) for row in await session.execute(query)]
 
 
-async def orders_in_flight(session: AsyncSession) -> int:
+async def orders_in_flight(session: AsyncConnection) -> int:
     """Orders whose saga waits on a reply (every step sets a deadline, an answer clears it)."""
     query = select(func.count()).select_from(orders).where(orders.c.step_deadline.is_not(None))
     return int(await session.scalar(query) or 0)
 
 
-async def count(session: AsyncSession, query: Any) -> int:
+async def count(session: AsyncConnection, query: Any) -> int:
     """``SELECT count(*)`` of a query."""
     return int(await session.scalar(select(func.count()).select_from(query.subquery())) or 0)

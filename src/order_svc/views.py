@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from order_svc import store
 from order_svc.domain import OrderStatus
@@ -51,7 +51,7 @@ class OrderView(BaseModel):
 
 
 async def order_views(
-    session: AsyncSession,
+    session: AsyncConnection,
     *,
     ids: list[str] | None = None,
     user_id: str | None = None,
@@ -91,7 +91,7 @@ async def order_views(
     return views, total
 
 
-async def order_view(session: AsyncSession, order_id: str) -> OrderView | None:
+async def order_view(session: AsyncConnection, order_id: str) -> OrderView | None:
     """One order, or None."""
     views, _ = await order_views(session, ids=[order_id], limit=1)
     return views[0] if views else None

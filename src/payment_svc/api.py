@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, Field
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.web import (
     CORRELATION_ID,
@@ -77,7 +77,7 @@ class ProviderView(BaseModel):
     health: ProviderHealth
 
 
-def _session(request: web.Request) -> AsyncSession:
+def _session(request: web.Request) -> AsyncConnection:
     return request.app[TRANSACTIONS].db.session()
 
 

@@ -25,7 +25,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeDecorator
 
 from bus.db import insert_for
@@ -140,7 +140,7 @@ class IdempotencyKey:
     request_hash: str
 
 
-async def _insert_if_new(session: AsyncSession, table: Table, values: dict[str, Any]) -> bool:
+async def _insert_if_new(session: AsyncConnection, table: Table, values: dict[str, Any]) -> bool:
     """Insert unless a unique key clashes; False when it did.
 
     On PostgreSQL a clash with an uncommitted row waits for that transaction, so of two
@@ -148,11 +148,11 @@ async def _insert_if_new(session: AsyncSession, table: Table, values: dict[str, 
     """
     statement = insert_for(session, table).values(**values).on_conflict_do_nothing()
     result = await session.execute(statement)
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    return bool(result.rowcount)
 
 
 async def claim_idempotency_key(
-    session: AsyncSession, key: IdempotencyKey, payment_id: str, now: datetime
+    session: AsyncConnection, key: IdempotencyKey, payment_id: str, now: datetime
 ) -> tuple[str, str] | None:
     """Bind ``key`` to ``payment_id``; if it was bound before, its (request hash, payment id)."""
     row = {
@@ -171,26 +171,26 @@ async def claim_idempotency_key(
     return seen.request_hash, seen.payment_id
 
 
-async def forget_idempotency_keys(session: AsyncSession, *, before: datetime) -> int:
+async def forget_idempotency_keys(session: AsyncConnection, *, before: datetime) -> int:
     """Delete keys bound before ``before`` (a retry with one then makes a new payment)."""
     result = await session.execute(
         delete(idempotency_keys).where(idempotency_keys.c.created_at < before)
     )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    return int(result.rowcount)
 
 
-async def claim_payment(session: AsyncSession, values: dict[str, Any]) -> bool:
+async def claim_payment(session: AsyncConnection, values: dict[str, Any]) -> bool:
     """Insert a payment row; False when its order already has one."""
     return await _insert_if_new(session, payments, values)
 
 
-async def update_payment(session: AsyncSession, payment_id: str, **values: Any) -> None:
+async def update_payment(session: AsyncConnection, payment_id: str, **values: Any) -> None:
     """Change a payment's columns: the provider's verdict, or its refunded total and status."""
     await session.execute(update(payments).where(payments.c.id == payment_id).values(**values))
 
 
 async def add_transaction(
-    session: AsyncSession,
+    session: AsyncConnection,
     payment: Payment,
     *,
     transaction_id: str,
@@ -214,7 +214,7 @@ async def add_transaction(
     await session.execute(row)
 
 
-async def add_refund(session: AsyncSession, **values: Any) -> None:
+async def add_refund(session: AsyncConnection, **values: Any) -> None:
     """Record a refund (its payment's totals are updated separately)."""
     await session.execute(insert(refunds).values(**values))
 
@@ -226,20 +226,20 @@ def _payment(row: Any) -> Payment:
 
 
 async def get_payment(
-    session: AsyncSession, payment_id: str, *, for_update: bool = False
+    session: AsyncConnection, payment_id: str, *, for_update: bool = False
 ) -> Payment | None:
     """The payment, locked against concurrent refunds when ``for_update``."""
     return await _one_payment(session, payments.c.id == payment_id, for_update)
 
 
 async def payment_for_order(
-    session: AsyncSession, order_id: str, *, for_update: bool = False
+    session: AsyncConnection, order_id: str, *, for_update: bool = False
 ) -> Payment | None:
     """The order's payment (there is at most one)."""
     return await _one_payment(session, payments.c.order_id == order_id, for_update)
 
 
-async def _one_payment(session: AsyncSession, where: Any, for_update: bool) -> Payment | None:
+async def _one_payment(session: AsyncConnection, where: Any, for_update: bool) -> Payment | None:
     query = select(payments).where(where)
     if for_update:
         query = query.with_for_update()
@@ -248,7 +248,7 @@ async def _one_payment(session: AsyncSession, where: Any, for_update: bool) -> P
 
 
 async def get_transaction(
-    session: AsyncSession, transaction_id: str, *, owner: str | None
+    session: AsyncConnection, transaction_id: str, *, owner: str | None
 ) -> Transaction | None:
     """The transaction, if it exists and belongs to ``owner`` (None: anyone's)."""
     query = select(transactions).where(transactions.c.id == transaction_id)
@@ -271,13 +271,13 @@ _REFUNDS = select(
 ).join(payments, payments.c.id == refunds.c.payment_id)
 
 
-async def get_refund(session: AsyncSession, refund_id: str) -> Refund | None:
+async def get_refund(session: AsyncConnection, refund_id: str) -> Refund | None:
     """The refund, with its payment's order, currency and current status."""
     row = (await session.execute(_REFUNDS.where(refunds.c.id == refund_id))).one_or_none()
     return None if row is None else Refund.model_validate(row)
 
 
-async def latest_refund(session: AsyncSession, payment_id: str) -> Refund | None:
+async def latest_refund(session: AsyncConnection, payment_id: str) -> Refund | None:
     """The payment's most recent refund."""
     query = _REFUNDS.where(refunds.c.payment_id == payment_id)
     query = query.order_by(refunds.c.created_at.desc(), refunds.c.id.desc()).limit(1)
@@ -286,21 +286,21 @@ async def latest_refund(session: AsyncSession, payment_id: str) -> Refund | None
 
 
 async def list_payments(
-    session: AsyncSession, *, user_id: str | None, limit: int, offset: int
+    session: AsyncConnection, *, user_id: str | None, limit: int, offset: int
 ) -> tuple[list[Payment], int]:
     """One page of payments, newest first, only ``user_id``'s unless None; and the total."""
     return await _page(session, payments, user_id, _payment, limit, offset)
 
 
 async def list_transactions(
-    session: AsyncSession, *, user_id: str | None, limit: int, offset: int
+    session: AsyncConnection, *, user_id: str | None, limit: int, offset: int
 ) -> tuple[list[Transaction], int]:
     """One page of transactions, newest first, only ``user_id``'s unless None; and the total."""
     return await _page(session, transactions, user_id, Transaction.model_validate, limit, offset)
 
 
 async def _page(
-    session: AsyncSession,
+    session: AsyncConnection,
     table: Table,
     user_id: str | None,
     to_record: Callable[[Any], R],

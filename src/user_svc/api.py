@@ -14,7 +14,7 @@ from contextlib import asynccontextmanager
 import structlog
 from aiohttp import web
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.outbox import UnitOfWork
 from bus.web import (
@@ -56,7 +56,7 @@ THROTTLE = web.AppKey("THROTTLE", LoginThrottle)
 TAKEN = "an account with this email already exists"
 
 
-def _session(request: web.Request) -> AsyncSession:
+def _session(request: web.Request) -> AsyncConnection:
     return request.app[TRANSACTIONS].db.session()
 
 
@@ -70,14 +70,14 @@ async def _begin(request: web.Request) -> AsyncIterator[UnitOfWork]:
         raise Conflict(TAKEN) from None
 
 
-async def _caller(session: AsyncSession, request: web.Request) -> User:
+async def _caller(session: AsyncConnection, request: web.Request) -> User:
     user = await store.get_user(session, principal(request).user_id)
     if user is None or user.status is not Status.ACTIVE:
         raise Unauthorized("the account is deleted or deactivated")
     return user
 
 
-async def _actor(session: AsyncSession, request: web.Request) -> Actor:
+async def _actor(session: AsyncConnection, request: web.Request) -> Actor:
     caller = await _caller(session, request)
     return Actor(caller.id, caller.role)
 

@@ -23,7 +23,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.db import insert_for
 from user_svc.domain import Role, Status, User
@@ -74,7 +74,7 @@ def _user(row: Any) -> User:
     )
 
 
-async def add_user(session: AsyncSession, user: User, password_hash: str) -> None:
+async def add_user(session: AsyncConnection, user: User, password_hash: str) -> None:
     """Insert ``user``; an IntegrityError when its email is taken."""
     await session.execute(
         insert(users).values(
@@ -90,7 +90,9 @@ async def add_user(session: AsyncSession, user: User, password_hash: str) -> Non
     )
 
 
-async def get_user(session: AsyncSession, user_id: str, *, for_update: bool = False) -> User | None:
+async def get_user(
+    session: AsyncConnection, user_id: str, *, for_update: bool = False
+) -> User | None:
     """The user with ``user_id``; ``for_update`` locks the row until the transaction ends."""
     query = select(*_USER_COLUMNS).where(users.c.id == user_id)
     if for_update:
@@ -99,7 +101,7 @@ async def get_user(session: AsyncSession, user_id: str, *, for_update: bool = Fa
     return _user(row) if row is not None else None
 
 
-async def find_credentials(session: AsyncSession, email: str) -> tuple[User, str] | None:
+async def find_credentials(session: AsyncConnection, email: str) -> tuple[User, str] | None:
     """The user with this (normalised) email and their password hash, for logging in."""
     query = select(*_USER_COLUMNS, users.c.password_hash).where(users.c.email == email)
     row = (await session.execute(query)).one_or_none()
@@ -107,7 +109,7 @@ async def find_credentials(session: AsyncSession, email: str) -> tuple[User, str
 
 
 async def list_users(
-    session: AsyncSession, *, status: Status | None, limit: int, offset: int
+    session: AsyncConnection, *, status: Status | None, limit: int, offset: int
 ) -> tuple[list[User], int]:
     """One page of users, oldest first, and how many there are in all."""
     condition = users.c.status == status.value if status is not None else None
@@ -120,7 +122,7 @@ async def list_users(
     return [_user(row) for row in rows], int(total or 0)
 
 
-async def save_user(session: AsyncSession, user: User) -> None:
+async def save_user(session: AsyncConnection, user: User) -> None:
     """Write the account's fields (not its password); an IntegrityError on a taken email."""
     await session.execute(
         update(users)
@@ -135,30 +137,30 @@ async def save_user(session: AsyncSession, user: User) -> None:
     )
 
 
-async def set_password_hash(session: AsyncSession, user_id: str, password_hash: str) -> None:
+async def set_password_hash(session: AsyncConnection, user_id: str, password_hash: str) -> None:
     """Replace a user's password hash (after a rehash with stronger parameters)."""
     await session.execute(
         update(users).where(users.c.id == user_id).values(password_hash=password_hash)
     )
 
 
-async def delete_user(session: AsyncSession, user_id: str) -> None:
+async def delete_user(session: AsyncConnection, user_id: str) -> None:
     """Delete the user's row."""
     await session.execute(delete(users).where(users.c.id == user_id))
 
 
-async def admin_exists(session: AsyncSession) -> bool:
+async def admin_exists(session: AsyncConnection) -> bool:
     """True when some account has the admin role."""
     query = select(users.c.id).where(users.c.role == Role.ADMIN.value).limit(1)
     return (await session.scalar(query)) is not None
 
 
-async def has_users(session: AsyncSession) -> bool:
+async def has_users(session: AsyncConnection) -> bool:
     """True when the users table holds any account."""
     return (await session.scalar(select(users.c.id).limit(1))) is not None
 
 
-async def first_signing_key(session: AsyncSession, candidate_pem: str) -> str:
+async def first_signing_key(session: AsyncConnection, candidate_pem: str) -> str:
     """The stored signing key's PEM; stores ``candidate_pem`` first when there is none.
 
     Insert-if-absent, then read back: when instances start together, one insert wins

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 import user_svc.app
 from bus.auth import SigningKey, TokenVerifier
@@ -61,7 +61,7 @@ async def test_when_instances_race_to_store_a_key_one_key_wins(
     candidates = [SigningKey.generate().to_pem().decode() for _ in range(4)]
 
     async def store_first(candidate: str) -> str:
-        session: AsyncSession
+        session: AsyncConnection
         async with db.session() as session, session.begin():
             return await store.first_signing_key(session, candidate)
 
