@@ -24,6 +24,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     func,
     insert,
     select,
@@ -211,22 +212,51 @@ async def rename_or_reprice(
     return Product(**row._mapping) if row is not None else None
 
 
+# What every reservation runs, built once: building a statement costs SQLAlchemy more
+# than running it. Each takes its values as parameters.
+_MOVE_STOCK = (
+    update(products)
+    .where(products.c.id == bindparam("product_key"))
+    .values(
+        stock=products.c.stock + bindparam("stock_delta"),
+        reserved=products.c.reserved + bindparam("reserved_delta"),
+        sold=products.c.sold + bindparam("sold_delta"),
+        updated_at=bindparam("now"),
+    )
+    .returning(*_PRODUCT)
+)
+_HOLD_UNITS = (
+    update(products)
+    .where(
+        products.c.id == bindparam("product_key"),
+        products.c.stock - products.c.reserved >= bindparam("quantity"),
+    )
+    .values(reserved=products.c.reserved + bindparam("quantity"))
+    .returning(products.c.price)
+)
+_UPDATE_RESERVATION = update(reservations).where(reservations.c.order_id == bindparam("order_key"))
+_INSERT_LINES = insert(reservation_lines)
+_RESERVATION = select(reservations).where(reservations.c.order_id == bindparam("order_key"))
+_RESERVATION_LOCKED = _RESERVATION.with_for_update()
+_LINES = (
+    select(reservation_lines)
+    .where(reservation_lines.c.order_id == bindparam("order_key"))
+    .order_by(reservation_lines.c.product_id)
+)
+
+
 async def move_stock(
     session: AsyncConnection, product_id: str, delta: StockDelta, now: datetime
 ) -> Product | None:
     """Add ``delta`` to a product's counters; ``None`` when there is no such product."""
-    statement = (
-        update(products)
-        .where(products.c.id == product_id)
-        .values(
-            stock=products.c.stock + delta.stock,
-            reserved=products.c.reserved + delta.reserved,
-            sold=products.c.sold + delta.sold,
-            updated_at=now,
-        )
-        .returning(*_PRODUCT)
-    )
-    row = (await session.execute(statement)).first()
+    changes = {
+        "product_key": product_id,
+        "stock_delta": delta.stock,
+        "reserved_delta": delta.reserved,
+        "sold_delta": delta.sold,
+        "now": now,
+    }
+    row = (await session.execute(_MOVE_STOCK, changes)).first()
     return Product(**row._mapping) if row is not None else None
 
 
@@ -236,13 +266,8 @@ async def hold_units(session: AsyncConnection, product_id: str, quantity: int) -
     The guard sits in the UPDATE itself: on PostgreSQL a concurrent reservation of the
     same row waits for ours to commit and then re-checks it, so the last unit goes once.
     """
-    statement = (
-        update(products)
-        .where(products.c.id == product_id, products.c.stock - products.c.reserved >= quantity)
-        .values(reserved=products.c.reserved + quantity)
-        .returning(products.c.price)
-    )
-    price: Decimal | None = (await session.execute(statement)).scalar()
+    held = {"product_key": product_id, "quantity": quantity}
+    price: Decimal | None = (await session.execute(_HOLD_UNITS, held)).scalar()
     return price
 
 
@@ -295,13 +320,10 @@ async def update_reservation(
         values["total"] = total
     if reason is not None:
         values["reason"] = reason
-    await session.execute(
-        update(reservations).where(reservations.c.order_id == order_id).values(**values)
-    )
+    await session.execute(_UPDATE_RESERVATION, {"order_key": order_id, **values})
     if lines:
         await session.execute(
-            insert(reservation_lines),
-            [{"order_id": order_id, **asdict(line)} for line in lines],
+            _INSERT_LINES, [{"order_id": order_id, **asdict(line)} for line in lines]
         )
 
 
@@ -309,10 +331,8 @@ async def get_reservation(
     session: AsyncConnection, order_id: str, *, lock: bool = False
 ) -> Reservation | None:
     """An order's reservation with its lines, optionally locked until the transaction ends."""
-    query = select(reservations).where(reservations.c.order_id == order_id)
-    if lock:
-        query = query.with_for_update()
-    return await _load(session, query)
+    query = _RESERVATION_LOCKED if lock else _RESERVATION
+    return await _load(session, query, {"order_key": order_id})
 
 
 async def due_for_expiry(session: AsyncConnection, cutoff: datetime, limit: int) -> list[str]:
@@ -342,15 +362,13 @@ async def lock_if_due(
     return await _load(session, query)
 
 
-async def _load(session: AsyncConnection, query: Any) -> Reservation | None:
-    row = (await session.execute(query)).first()
+async def _load(
+    session: AsyncConnection, query: Any, parameters: dict[str, Any] | None = None
+) -> Reservation | None:
+    row = (await session.execute(query, parameters)).first()
     if row is None:
         return None
-    lines = await session.execute(
-        select(reservation_lines)
-        .where(reservation_lines.c.order_id == row.order_id)
-        .order_by(reservation_lines.c.product_id)
-    )
+    lines = await session.execute(_LINES, {"order_key": row.order_id})
     return Reservation(
         order_id=row.order_id,
         status=ReservationStatus(row.status),

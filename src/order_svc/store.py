@@ -161,10 +161,18 @@ class Order:
         )
 
 
+# The saga's statements, built once: building one costs SQLAlchemy more than running it.
+# Inserts and updates take their columns from the parameters they are given.
+_LOCK = select(orders).where(orders.c.id == bindparam("order_key")).with_for_update()
+_INSERT_ORDER = insert(orders)
+_INSERT_ITEMS = insert(order_items)
+_INSERT_HISTORY = insert(order_history)
+_UPDATE_ORDER = update(orders).where(orders.c.id == bindparam("order_key"))
+
+
 async def lock_order(session: AsyncConnection, order_id: str) -> Order | None:
     """Read an order and lock it for this transaction (SQLite locks the whole file)."""
-    query = select(orders).where(orders.c.id == order_id).with_for_update()
-    row = (await session.execute(query)).one_or_none()
+    row = (await session.execute(_LOCK, {"order_key": order_id})).one_or_none()
     return Order.from_row(row) if row else None
 
 
@@ -176,25 +184,21 @@ async def insert_order(
     session: AsyncConnection, values: dict[str, Any], lines: Sequence[Line]
 ) -> None:
     """Insert an order, its lines and the first history entry."""
-    at = values["created_at"]
-    await session.execute(insert(orders).values(**values))
+    await session.execute(_INSERT_ORDER, values)
     await session.execute(
-        insert(order_items),
+        _INSERT_ITEMS,
         [
             {"order_id": values["id"], "product_id": p, "quantity": q, "unit_price_cents": cents(u)}
             for p, q, u in lines
         ],
     )
-    await session.execute(
-        insert(order_history).values(order_id=values["id"], status=values["status"], at=at)
-    )
+    first = {"order_id": values["id"], "status": values["status"], "reason": None}
+    await session.execute(_INSERT_HISTORY, first | {"at": values["created_at"]})
 
 
 async def update_order(session: AsyncConnection, order_id: str, **values: Any) -> None:
     """Change columns of one order (and its ``updated_at``)."""
-    await session.execute(
-        update(orders).where(orders.c.id == order_id).values(updated_at=now(), **values)
-    )
+    await session.execute(_UPDATE_ORDER, {"order_key": order_id, "updated_at": now(), **values})
 
 
 async def record_status(
@@ -202,14 +206,10 @@ async def record_status(
 ) -> None:
     """Set a new status with its reason, and append it to the history."""
     at = now()
-    await session.execute(
-        update(orders)
-        .where(orders.c.id == order_id)
-        .values(status=status, status_reason=reason, updated_at=at, **values)
-    )
-    await session.execute(
-        insert(order_history).values(order_id=order_id, status=status, reason=reason, at=at)
-    )
+    changes = {"status": status, "status_reason": reason, "updated_at": at, **values}
+    await session.execute(_UPDATE_ORDER, {"order_key": order_id, **changes})
+    entry = {"order_id": order_id, "status": status, "reason": reason, "at": at}
+    await session.execute(_INSERT_HISTORY, entry)
 
 
 async def set_line_prices(
