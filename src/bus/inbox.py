@@ -13,11 +13,10 @@ from datetime import UTC, datetime, timedelta
 import structlog
 from prometheus_client import Counter
 from sqlalchemy import Column, DateTime, String, Table, delete
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery, Handler
-from bus.db import BUS_METADATA, dialect_of
+from bus.db import BUS_METADATA, insert_or_skip
 from bus.outbox import Transactions, UnitOfWork
 
 log = structlog.get_logger("bus.inbox")
@@ -37,13 +36,6 @@ inbox_table = Table(
 UnitHandler = Callable[[Delivery, UnitOfWork], Awaitable[None]]
 
 
-# built once per dialect: building a statement costs more than sending it
-_CLAIMS = {
-    dialect: insert(inbox_table).on_conflict_do_nothing()
-    for dialect, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
-}
-
-
 async def claim(session: AsyncConnection, consumer: str, message_id: str) -> bool:
     """Record that ``consumer`` handles ``message_id``; False if it already did.
 
@@ -51,7 +43,7 @@ async def claim(session: AsyncConnection, consumer: str, message_id: str) -> boo
     PostgreSQL a concurrent copy waits on the key until the first commits.
     """
     row = {"consumer": consumer, "message_id": message_id, "processed_at": datetime.now(UTC)}
-    result = await session.execute(_CLAIMS[dialect_of(session)], row)
+    result = await session.execute(insert_or_skip(session, inbox_table), row)
     return bool(result.rowcount)
 
 

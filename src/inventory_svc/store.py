@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.db import insert_for
+from bus.db import insert_or_skip
 from inventory_svc.domain import ReservationStatus, StockDelta
 
 metadata = MetaData()
@@ -153,11 +153,6 @@ def utc(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def _insert_or_skip(session: AsyncConnection, table: Table) -> Any:
-    # ON CONFLICT DO NOTHING: a concurrent twin waits on the key instead of failing
-    return insert_for(session, table).on_conflict_do_nothing()
-
-
 # --- products -------------------------------------------------------------------------------
 
 
@@ -167,7 +162,7 @@ async def add_product(
     """Insert a product; ``None`` when the id is taken."""
     values = {"id": product_id, "name": name, "price": price, "stock": stock}
     values |= {"reserved": 0, "sold": 0, "created_at": now, "updated_at": now}
-    statement = _insert_or_skip(session, products).values(values).returning(*_PRODUCT)
+    statement = insert_or_skip(session, products).values(values).returning(*_PRODUCT)
     row = (await session.execute(statement)).first()
     return Product(**row._mapping) if row is not None else None
 
@@ -292,15 +287,15 @@ async def claim_reservation(
     reason: str | None = None,
 ) -> bool:
     """Create the order's reservation; False when it already has one (a repeated request)."""
-    statement = _insert_or_skip(session, reservations).values(
-        order_id=order_id,
-        status=status.value,
-        reason=reason,
-        correlation_id=correlation_id,
-        created_at=now,
-        updated_at=now,
-    )
-    result = await session.execute(statement)
+    row = {
+        "order_id": order_id,
+        "status": status.value,
+        "reason": reason,
+        "correlation_id": correlation_id,
+        "created_at": now,
+        "updated_at": now,
+    }
+    result = await session.execute(insert_or_skip(session, reservations), row)
     return bool(result.rowcount)
 
 

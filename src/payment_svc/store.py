@@ -19,6 +19,7 @@ from sqlalchemy import (
     Select,
     String,
     Table,
+    bindparam,
     delete,
     func,
     insert,
@@ -28,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeDecorator
 
-from bus.db import insert_for
+from bus.db import insert_or_skip
 from payment_svc.domain import (
     Payment,
     Record,
@@ -146,8 +147,7 @@ async def _insert_if_new(session: AsyncConnection, table: Table, values: dict[st
     On PostgreSQL a clash with an uncommitted row waits for that transaction, so of two
     concurrent claims exactly one wins and the other then sees the winner's row.
     """
-    statement = insert_for(session, table).values(**values).on_conflict_do_nothing()
-    result = await session.execute(statement)
+    result = await session.execute(insert_or_skip(session, table), values)
     return bool(result.rowcount)
 
 
@@ -179,6 +179,10 @@ async def forget_idempotency_keys(session: AsyncConnection, *, before: datetime)
     return int(result.rowcount)
 
 
+_UPDATE_PAYMENT = update(payments).where(payments.c.id == bindparam("payment_key"))
+_INSERT_TRANSACTION = insert(transactions)
+
+
 async def claim_payment(session: AsyncConnection, values: dict[str, Any]) -> bool:
     """Insert a payment row; False when its order already has one."""
     return await _insert_if_new(session, payments, values)
@@ -186,7 +190,7 @@ async def claim_payment(session: AsyncConnection, values: dict[str, Any]) -> boo
 
 async def update_payment(session: AsyncConnection, payment_id: str, **values: Any) -> None:
     """Change a payment's columns: the provider's verdict, or its refunded total and status."""
-    await session.execute(update(payments).where(payments.c.id == payment_id).values(**values))
+    await session.execute(_UPDATE_PAYMENT, {"payment_key": payment_id, **values})
 
 
 async def add_transaction(
@@ -200,18 +204,18 @@ async def add_transaction(
     at: datetime,
 ) -> None:
     """Record one provider call on ``payment``: a charge attempt or a refund."""
-    row = insert(transactions).values(
-        id=transaction_id,
-        payment_id=payment.id,
-        user_id=payment.user_id,
-        type=kind,
-        status=status,
-        amount=amount,
-        currency=payment.currency,
-        provider=payment.provider,
-        created_at=at,
-    )
-    await session.execute(row)
+    row = {
+        "id": transaction_id,
+        "payment_id": payment.id,
+        "user_id": payment.user_id,
+        "type": kind,
+        "status": status,
+        "amount": amount,
+        "currency": payment.currency,
+        "provider": payment.provider,
+        "created_at": at,
+    }
+    await session.execute(_INSERT_TRANSACTION, row)
 
 
 async def add_refund(session: AsyncConnection, **values: Any) -> None:
