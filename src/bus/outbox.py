@@ -160,6 +160,7 @@ class OutboxRelay:
         poll_seconds: float = 1.0,
         max_attempts: int = 12,
         retention: timedelta = timedelta(days=1),
+        linger: float = 0.0,
     ) -> None:
         self.db = db
         self.broker = broker
@@ -168,6 +169,7 @@ class OutboxRelay:
         self.poll_seconds = poll_seconds
         self.max_attempts = max_attempts
         self.retention = retention
+        self.linger = linger
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -228,6 +230,10 @@ class OutboxRelay:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            if self.linger and not self._stopping:
+                # commits that land meanwhile go out in the same batch: one claim and one
+                # mark for several transactions, at the price of this much latency
+                await asyncio.sleep(self.linger)
 
     async def publish_pending(self) -> int:
         """Publish one batch of due rows; return how many the broker confirmed."""

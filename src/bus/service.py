@@ -98,6 +98,7 @@ class Service:
             batch_size=settings.outbox_batch_size,
             poll_seconds=settings.outbox_poll_seconds,
             max_attempts=settings.outbox_max_attempts,
+            linger=settings.outbox_linger_ms / 1000,
         )
         self.transactions = Transactions(db, f"/microshop/{self.name}", self.relay.wake)
         self.app[TRANSACTIONS] = self.transactions

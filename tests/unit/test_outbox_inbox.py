@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import ClassVar
 
@@ -106,6 +107,33 @@ async def test_relay_publishes_pending_rows_once_and_marks_them(
     assert await relay.flush() == 0
     await eventually(lambda: sorted(seen) == sorted(sent))
     assert await relay.backlog() == 0
+
+
+async def test_with_a_linger_commits_close_together_share_one_batch(
+    db: Database, broker: MemoryBroker
+) -> None:
+    await broker.declare("things", ["thing.*"])
+    batches: list[int] = []
+    publish_many = broker.publish_many
+
+    async def counted(envelopes: Sequence[Envelope]) -> list[BaseException | None]:
+        batches.append(len(envelopes))
+        return await publish_many(envelopes)
+
+    broker.publish_many = counted  # type: ignore[method-assign]
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=5, linger=1.0)
+    transactions = Transactions(db, "/tests", on_commit=relay.wake)
+    relay.start()
+    await asyncio.sleep(0.2)  # its first pass finds nothing; now it waits to be woken
+    try:
+        for n in range(3):  # three transactions within the linger
+            async with transactions.begin() as unit:
+                unit.publish(ThingMade(name=str(n)))
+        await eventually(lambda: sum(batches) == 3, within=5)
+    finally:
+        await relay.stop()
+
+    assert batches == [3]
 
 
 async def test_event_nobody_subscribes_to_is_done_and_counted(
