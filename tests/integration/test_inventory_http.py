@@ -6,10 +6,12 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from bus.amqp import AmqpBroker
 from bus.db import Database
+from bus.envelope import Envelope
+from bus.outbox import outbox_table
 from inventory_svc.app import DEMO_CATALOGUE
 from inventory_svc.messages import LineItem, StockReserve
 from tests.integration.conftest import ServiceStarter
@@ -59,7 +61,13 @@ async def test_creating_a_product_whose_id_is_taken_is_a_conflict(shop: Inventor
     assert status == 409
     assert problem["detail"] == f"product {product_id!r} already exists"
     assert (await shop.call("GET", f"/products/{product_id}"))[1]["price"] == "5.00"
-    assert len(shop.events("product.created", product_id=product_id)) == 1
+    assert shop.service is not None  # the outbox says what was and will be announced
+    async with shop.service.db.session() as session:
+        bodies = await session.scalars(
+            select(outbox_table.c.body).where(outbox_table.c.type == "product.created")
+        )
+        announced = [Envelope.from_json(body).data["product_id"] for body in bodies]
+    assert announced.count(product_id) == 1
 
 
 async def test_an_update_changes_name_and_price_and_announces_what_changed(
@@ -247,7 +255,7 @@ async def test_openapi_documents_every_route_with_its_models(shop: Inventory) ->
     assert "ReservationView" in document["components"]["schemas"]
 
 
-async def test_a_database_that_drops_its_connections_costs_one_503(
+async def test_a_database_that_drops_its_connections_costs_one_503_at_most(
     shop: Inventory, unique: str, database_url: str
 ) -> None:
     product_id = await shop.add_product(stock=1, price="5.00")
@@ -263,8 +271,11 @@ async def test_a_database_that_drops_its_connections_costs_one_503(
     await admin.close()
     assert dropped, "the service holds pooled connections"
 
-    # without a pre-ping the stale connection is found by the request that uses it
-    status, problem = await shop.call("GET", f"/products/{product_id}", role=None)
-    assert (status, problem["detail"]) == (503, "the database connection was lost; try again")
+    # without a pre-ping the stale connection is found by whoever uses it first: this
+    # request (503, try again) or one of the service's own tasks (then this one is fine)
+    status, answer = await shop.call("GET", f"/products/{product_id}", role=None)
+    assert status in (200, 503), answer
+    if status == 503:
+        assert answer["detail"] == "the database connection was lost; try again"
     status, product = await shop.call("GET", f"/products/{product_id}", role=None)
     assert (status, product["stock"]) == (200, 1)

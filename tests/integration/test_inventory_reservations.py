@@ -103,10 +103,13 @@ async def test_release_frees_held_units_and_answers_a_repeat_without_freeing_twi
     await shop.send(StockRelease(order_id=order, reason="payment declined"))
     await shop.send(StockRelease(order_id=order, reason="again"))
 
+    # the two are handled side by side: whichever locks the reservation first frees the
+    # units, and the other is answered with that same release
     await eventually(lambda: len(shop.events("stock.released", order_id=order)) == 2)
-    for released in shop.events("stock.released", order_id=order):
-        assert released["items"] == [{"product_id": product, "quantity": 2}]
-        assert released["reason"] == "payment declined"
+    first, repeat = shop.events("stock.released", order_id=order)
+    assert first == repeat
+    assert first["items"] == [{"product_id": product, "quantity": 2}]
+    assert first["reason"] in ("payment declined", "again")
     assert await shop.counters(product) == {"stock": 5, "reserved": 0, "available": 5, "sold": 0}
 
 
