@@ -6,6 +6,7 @@ status, the answer event and the inbox mark commit together, or not at all.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import TypeVar
@@ -69,10 +70,12 @@ async def reserve_stock(delivery: Delivery, unit: UnitOfWork) -> None:
         unit.publish(_answer_again(existing))
         return
     lines = domain.merge_lines(command.items)
+    # With several lines, a savepoint: a shortfall undoes the lines already held, yet the
+    # rejection and the inbox mark still commit. One line holds all or nothing by itself,
+    # and skipping the savepoint's two round trips shortens the hold on a busy product.
+    savepoint = session.begin_nested() if len(lines) > 1 else contextlib.nullcontext()
     try:
-        # a savepoint: a shortfall undoes the lines already held, yet the rejection and
-        # the inbox mark still commit
-        async with session.begin_nested():
+        async with savepoint:
             held = await _hold_all(session, lines)
     except _Shortage as shortage:
         unit.publish(await _reject(session, order_id, shortage.failed, now))
