@@ -57,6 +57,18 @@ def for_order(step: SagaStepHandler, policy: Policy) -> UnitHandler:
     return handle
 
 
+def ends(step: SagaStep) -> UnitHandler:
+    """A reply that only ends ``step``: stop watching it, in one statement and no lock."""
+
+    async def handle(delivery: Delivery, unit: UnitOfWork) -> None:
+        reply = delivery.message
+        if not isinstance(reply, StockCommitted | StockReleased):
+            raise Reject(f"not a stock reply: {delivery.envelope.type}")
+        await store.end_step(unit.session, reply.order_id, step)
+
+    return handle
+
+
 async def stock_reserved(
     unit: UnitOfWork, order: store.Order, event: StockReserved, policy: Policy
 ) -> None:
@@ -72,18 +84,6 @@ async def stock_rejected(
         for item in event.items
     )
     await saga.stock_rejected(unit, order, short or event.reason)
-
-
-async def stock_committed(
-    unit: UnitOfWork, order: store.Order, event: StockCommitted, policy: Policy
-) -> None:
-    await saga.step_answered(unit, order, SagaStep.COMMIT)
-
-
-async def stock_released(
-    unit: UnitOfWork, order: store.Order, event: StockReleased, policy: Policy
-) -> None:
-    await saga.step_answered(unit, order, SagaStep.RELEASE)
 
 
 async def payment_succeeded(
@@ -127,8 +127,6 @@ async def product_changed(delivery: Delivery, unit: UnitOfWork) -> None:
 SAGA_REPLIES: dict[type[Message], SagaStepHandler] = {
     StockReserved: stock_reserved,
     StockRejected: stock_rejected,
-    StockCommitted: stock_committed,
-    StockReleased: stock_released,
     PaymentSucceeded: payment_succeeded,
     PaymentFailed: payment_failed,
     PaymentRefunded: payment_refunded,
@@ -141,8 +139,18 @@ USER_EVENTS: tuple[type[Message], ...] = (
     UserActivated,
     UserDeactivated,
 )
+# replies that only end a step: the saga has nothing more to do for them
+STEP_ENDINGS: dict[type[Message], SagaStep] = {
+    StockCommitted: SagaStep.COMMIT,
+    StockReleased: SagaStep.RELEASE,
+}
 PRODUCT_EVENTS: tuple[type[Message], ...] = (ProductCreated, ProductUpdated)
-CONSUMED: tuple[type[Message], ...] = (*SAGA_REPLIES, *USER_EVENTS, *PRODUCT_EVENTS)
+CONSUMED: tuple[type[Message], ...] = (
+    *SAGA_REPLIES,
+    *STEP_ENDINGS,
+    *USER_EVENTS,
+    *PRODUCT_EVENTS,
+)
 
 
 def handlers(policy: Policy) -> dict[str, UnitHandler]:
@@ -150,6 +158,7 @@ def handlers(policy: Policy) -> dict[str, UnitHandler]:
     registry: dict[str, UnitHandler] = {
         model.type: for_order(step, policy) for model, step in SAGA_REPLIES.items()
     }
+    registry.update({model.type: ends(step) for model, step in STEP_ENDINGS.items()})
     registry.update({model.type: user_changed for model in USER_EVENTS})
     registry.update({model.type: product_changed for model in PRODUCT_EVENTS})
     return registry

@@ -168,6 +168,7 @@ _INSERT_ORDER = insert(orders)
 _INSERT_ITEMS = insert(order_items)
 _INSERT_HISTORY = insert(order_history)
 _UPDATE_ORDER = update(orders).where(orders.c.id == bindparam("order_key"))
+_END_STEP = _UPDATE_ORDER.where(orders.c.saga_step == bindparam("step"))
 
 
 async def lock_order(session: AsyncConnection, order_id: str) -> Order | None:
@@ -199,6 +200,12 @@ async def insert_order(
 async def update_order(session: AsyncConnection, order_id: str, **values: Any) -> None:
     """Change columns of one order (and its ``updated_at``)."""
     await session.execute(_UPDATE_ORDER, {"order_key": order_id, "updated_at": now(), **values})
+
+
+async def end_step(session: AsyncConnection, order_id: str, step: SagaStep) -> None:
+    """Stop watching ``step`` if it is the one the order waits on (else change nothing)."""
+    ended = {"saga_step": None, "step_deadline": None, "step_attempts": 0, "updated_at": now()}
+    await session.execute(_END_STEP, {"order_key": order_id, "step": step, **ended})
 
 
 async def record_status(
