@@ -302,7 +302,7 @@ async def _what_is_known(
     products that had to be learnt over HTTP. Inactive or deleted accounts are refused,
     unknown products are unprocessable.
     """
-    async with request.app[TRANSACTIONS].db.session() as session:
+    async with request.app[TRANSACTIONS].db.reading() as session:
         user = await replicas.known_user(session, user_id)
         known = await replicas.known_products(session, product_ids)
     directory = request.app[DIRECTORY]
