@@ -130,6 +130,10 @@ class Database:
         await self.engine.dispose()
 
 
+# each dialect's INSERT, which knows its ON CONFLICT clauses
+_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
+
+
 def insert_for(session: AsyncConnection, table: Table) -> Any:
     """An ``INSERT`` for ``table`` that knows ``ON CONFLICT`` on this session's database.
 
@@ -137,7 +141,7 @@ def insert_for(session: AsyncConnection, table: Table) -> Any:
     ``on_conflict_do_update()``; on PostgreSQL a conflict with an uncommitted row waits
     for that transaction, so of two concurrent inserts exactly one wins.
     """
-    return (postgresql.insert if dialect_of(session) == "postgresql" else sqlite.insert)(table)
+    return _INSERTS[dialect_of(session)](table)
 
 
 def insert_or_skip(session: AsyncConnection, table: Table) -> Any:
@@ -152,9 +156,7 @@ def insert_or_skip(session: AsyncConnection, table: Table) -> Any:
 
 @functools.cache
 def _insert_or_skip(dialect: str, table: Table) -> Any:
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(
-        table
-    ).on_conflict_do_nothing()
+    return _INSERTS[dialect](table).on_conflict_do_nothing()
 
 
 def dialect_of(session: AsyncConnection) -> str:
