@@ -96,24 +96,13 @@ class Settings(bus.settings.Settings):
         return value
 
 
-class _Database(Database):
-    # Works around a kit bug: bus.db.Database.create_all runs CREATE SCHEMA IF NOT EXISTS
-    # and CREATE TABLE unguarded, so when two instances start on an empty schema the loser
-    # fails with a unique violation. The winner has committed by then; a second try sees it.
-    async def create_all(self) -> None:
-        try:
-            await super().create_all()
-        except IntegrityError:
-            await super().create_all()
-
-
 def build(settings: Settings, **test_overrides: Any) -> Service:
     """The user service, ready to start.
 
     Tests may pass ``signing_key=`` (a :class:`SigningKey` to sign with), ``verifier=``
     (used as given instead of one built from the signing key) and ``broker=``.
     """
-    db = _Database(settings.db_url, schema=settings.schema_name, metadata=[store.metadata])
+    db = Database(settings.db_url, schema=settings.schema_name, metadata=[store.metadata])
     given_key: SigningKey | None = test_overrides.get("signing_key")
     if given_key is None and settings.jwt_private_key is not None:
         given_key = SigningKey.from_pem(settings.jwt_private_key.get_secret_value().encode())
