@@ -12,11 +12,13 @@ from multidict import CIMultiDictProxy
 
 @dataclass(frozen=True)
 class Answer:
-    """An HTTP answer: status, parsed JSON body (None when empty), headers."""
+    """An HTTP answer: status, body (parsed when JSON, else text; None when empty),
+    headers, and the bytes as they came."""
 
     status: int
     body: Any
     headers: CIMultiDictProxy[str]
+    raw: bytes
 
 
 class ServiceHttp:
@@ -24,7 +26,7 @@ class ServiceHttp:
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
-        self._http = aiohttp.ClientSession()
+        self.http = aiohttp.ClientSession()
 
     async def __aenter__(self) -> Self:
         return self
@@ -35,7 +37,7 @@ class ServiceHttp:
         error: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._http.close()
+        await self.http.close()
 
     async def call(
         self,
@@ -44,15 +46,19 @@ class ServiceHttp:
         *,
         token: str | None = None,
         json: Any = None,
+        data: Any = None,
         headers: dict[str, str] | None = None,
     ) -> Answer:
-        """Send one request; the body is sent as JSON when given."""
+        """Send one request; ``json`` is sent as JSON, ``data`` as it is."""
         sent = dict(headers or {})
         if token:
             sent["Authorization"] = f"Bearer {token}"
-        async with self._http.request(
-            method, f"{self.base_url}{path}", json=json, headers=sent
+        async with self.http.request(
+            method, f"{self.base_url}{path}", json=json, data=data, headers=sent
         ) as response:
-            text = await response.text()
-            body = await response.json(content_type=None) if text else None
-            return Answer(response.status, body, response.headers)
+            raw = await response.read()
+            body: Any = None
+            if raw:
+                json_body = "json" in response.content_type
+                body = await response.json(content_type=None) if json_body else raw.decode()
+            return Answer(response.status, body, response.headers, raw)

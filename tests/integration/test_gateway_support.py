@@ -11,9 +11,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-import aiohttp
-from multidict import CIMultiDictProxy
-
 import inventory_svc.app
 import order_svc.app
 import payment_svc.app
@@ -21,6 +18,7 @@ import user_svc.app
 from bus.service import Service
 from gateway.app import Gateway, Settings, build
 from tests.integration.conftest import ServiceStarter, delete_exchanges
+from tests.integration.service_http import Answer, ServiceHttp
 from tests.support import eventually, free_port
 
 ISSUER, AUDIENCE = "microshop-user", "microshop"
@@ -28,34 +26,12 @@ ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.com"
 VISA = {"provider": "stripe", "method": "tok_visa"}
 
 
-@dataclass(frozen=True)
-class Answer:
-    """An HTTP answer: status, body (parsed JSON when it is JSON), headers, raw bytes."""
-
-    status: int
-    body: Any
-    headers: CIMultiDictProxy[str]
-    raw: bytes
-
-
-class Caller:
+class Caller(ServiceHttp):
     """A person (or a program) calling one base URL; logs in as demo users when asked."""
 
     def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.http = aiohttp.ClientSession()
+        super().__init__(base_url)
         self.tokens: dict[str, str] = {}
-
-    async def __aenter__(self) -> Caller:
-        return self
-
-    async def __aexit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.http.close()
 
     async def call(
         self,
@@ -69,19 +45,9 @@ class Caller:
         headers: dict[str, str] | None = None,
     ) -> Answer:
         """One request; ``as_user`` logs in (through the gateway) and sends the token."""
-        sent = dict(headers or {})
         if as_user is not None:
             token = self.tokens.get(as_user) or await self.login(as_user)
-        if token is not None:
-            sent["Authorization"] = f"Bearer {token}"
-        async with self.http.request(
-            method, f"{self.base_url}{path}", json=json, data=data, headers=sent
-        ) as response:
-            raw = await response.read()
-            body: Any = raw.decode(errors="replace")
-            if "json" in response.content_type and raw:
-                body = await response.json(content_type=None)
-            return Answer(response.status, body, response.headers, raw)
+        return await super().call(method, path, token=token, json=json, data=data, headers=headers)
 
     async def login(self, email: str, password: str = user_svc.app.DEMO_PASSWORD) -> str:
         """Log in through the gateway and remember the token."""
