@@ -283,7 +283,7 @@ class OutboxRelay:
 
     async def backlog(self) -> int:
         """How many rows wait to be published."""
-        async with self.db.session() as session:
+        async with self.db.reading() as session:
             query = select(func.count()).select_from(outbox_table).where(_pending)
             count = await session.scalar(query)
         return int(count or 0)

@@ -67,7 +67,7 @@ async def keep_counting(admission: Admission, db: Database, interval: float) -> 
     """Recount the orders in flight every ``interval`` seconds, for as long as it runs."""
     while True:
         try:
-            async with db.session() as session:
+            async with db.reading() as session:
                 admission.recount(await store.orders_in_flight(session))
         except Exception:
             log.exception("counting orders in flight failed")
