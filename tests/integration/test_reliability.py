@@ -166,7 +166,16 @@ async def test_a_slow_handler_holds_back_no_other_ack(amqp: AmqpBroker, unique: 
 
     await consumer.stop(grace=0.2)  # the slow one is cut off, unacked
 
-    channel = await amqp.connection.channel()
-    queue = await channel.declare_queue(unique, passive=True)
-    await channel.close()
-    assert queue.declaration_result.message_count == 1, "only the unfinished message is back"
+    async def back_in_queue() -> int:
+        channel = await amqp.connection.channel()
+        queue = await channel.declare_queue(unique, passive=True)
+        await channel.close()
+        return int(queue.declaration_result.message_count or 0)
+
+    async def returned() -> bool:
+        return await back_in_queue() > 0
+
+    # the broker returns a closed channel's unacked messages in its own time
+    await eventually(returned, within=10)
+    await asyncio.sleep(0.5)  # anything else returned would have come back by now
+    assert await back_in_queue() == 1, "only the unfinished message is back"
