@@ -67,10 +67,14 @@ class Database:
         # the first statement on a stale connection fails, SQLAlchemy discards the pool,
         # and that one message is retried (or that one request answered 503) like any
         # other failure; connections are also recycled before a server could drop them.
+        # A fixed pool: work beyond ``pool_size`` waits for a connection. Overflow
+        # connections are closed as soon as they are handed back, so under load every
+        # burst forked a PostgreSQL backend and set up a connection only to drop it
+        # (about 30 a second at full speed, a sixth of the saga's throughput).
         return create_async_engine(
             self.url,
             pool_size=pool_size,
-            max_overflow=pool_size,
+            max_overflow=0,
             pool_recycle=1800,
             # pg_stat_activity names the service each connection belongs to
             connect_args={"server_settings": {"application_name": self.schema or "microshop"}},

@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     database_url: str | None = None
     db_schema: str | None = None  # PostgreSQL schema; default: the service's name
     data_dir: Path = Path("var")
+    # connections each process keeps to PostgreSQL; work beyond them waits its turn
+    db_pool_size: int = Field(default=10, ge=1)
 
     prefetch: int = Field(default=64, ge=1)
     # NoDecode: read "200,1000,5000" as text, not as JSON (a JSON list works too)

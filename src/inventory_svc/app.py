@@ -47,7 +47,12 @@ class Settings(bus.settings.Settings):
 
 def build(settings: Settings, **test_overrides: Any) -> Service:
     """The inventory service; tests may override ``verifier`` and ``broker``."""
-    db = Database(settings.db_url, schema=settings.schema_name, metadata=[store.metadata])
+    db = Database(
+        settings.db_url,
+        schema=settings.schema_name,
+        metadata=[store.metadata],
+        pool_size=settings.db_pool_size,
+    )
     service: Service
 
     # Service builds its Transactions itself and hands tasks nothing, so the sweep finds

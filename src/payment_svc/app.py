@@ -41,7 +41,12 @@ def build(
     gateway: PaymentGateway | None = None,
 ) -> Service:
     """The payment service; tests may pass their own token verifier and provider gateway."""
-    db = Database(settings.db_url, schema=settings.schema_name, metadata=[store.metadata])
+    db = Database(
+        settings.db_url,
+        schema=settings.schema_name,
+        metadata=[store.metadata],
+        pool_size=settings.db_pool_size,
+    )
     gateway = gateway or simulated_gateway(
         failure_rate=settings.payment_failure_rate,
         latency_ms=settings.payment_latency_ms,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from sqlalchemy import func, insert, select, text
 
@@ -39,3 +41,24 @@ async def test_a_transaction_after_a_read_still_rolls_back(postgres: Database) -
 
     async with postgres.reading() as reader:
         assert await reader.scalar(select(func.count()).select_from(effects)) == 0
+
+
+async def test_a_burst_wider_than_the_pool_waits_for_its_connections(
+    database_url: str, unique: str
+) -> None:
+    db = Database(database_url, schema=unique, pool_size=3)
+    try:
+
+        async def backend() -> int:
+            async with db.session() as connection:
+                pid = await connection.scalar(text("SELECT pg_backend_pid()"))
+                await asyncio.sleep(0.01)
+                return int(pid)
+
+        first = await asyncio.gather(*(backend() for _ in range(30)))
+        second = await asyncio.gather(*(backend() for _ in range(30)))
+    finally:
+        await db.close()
+    # the same three connections served both bursts: none opened and dropped on the way
+    assert len(set(first)) == 3
+    assert set(second) == set(first)
