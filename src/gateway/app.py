@@ -34,7 +34,7 @@ from gateway.openapi import OpenApiDocuments
 from gateway.protection import RateLimiter, guard, secure
 from gateway.proxy import Proxy
 from gateway.registry import Registry
-from gateway.routing import ROUTES, PublicRoutes
+from gateway.routing import OPERATOR_ROUTES, ROUTES, PublicRoutes
 from gateway.settings import Settings
 from microshop.catalogue import CONTRACTS
 from microshop.catalogue import REGISTRY as CATALOGUE
@@ -93,6 +93,7 @@ class Gateway:
         )
         self.app = self._web_app(settings, verifier)
         self._gc_freeze = settings.gc_freeze
+        self._internal_port = settings.internal_port
         self.ready = False
         self.stopped = False
         self._subscriptions: list[Consumer] = []
@@ -105,6 +106,8 @@ class Gateway:
             login_limiter=self.login_limiter,
             public=PublicRoutes(settings.public_routes),
             verifier=verifier,
+            operator=PublicRoutes(OPERATOR_ROUTES),
+            internal_port=settings.internal_port,
             trust_forwarded_for=settings.trust_forwarded_for,
             gzip_min_bytes=settings.gzip_min_bytes,
         )
@@ -166,8 +169,9 @@ class Gateway:
         )
         await self._runner.setup()
         await self.checks.check_all()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.listen_port)
-        await site.start()
+        await web.TCPSite(self._runner, self.settings.host, self.settings.listen_port).start()
+        if self._internal_port:
+            await web.TCPSite(self._runner, self.settings.host, self._internal_port).start()
         self._tasks = [
             asyncio.create_task(_logged(self.checks.run()), name="gateway health checks"),
             asyncio.create_task(_logged(self._prune_buckets()), name="gateway rate limits"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -17,9 +18,9 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_response import ContentCoding
 from prometheus_client import Counter
 
-from bus.auth import AuthError, TokenVerifier, parse_bearer
+from bus.auth import AuthError, Principal, TokenVerifier, parse_bearer
 from bus.observability import child
-from bus.problems import HttpProblem, Unauthorized
+from bus.problems import Forbidden, HttpProblem, Unauthorized
 from bus.web import CORRELATION_ID, PRINCIPAL, REQUEST_ID
 from gateway.routing import PublicRoutes
 
@@ -106,11 +107,18 @@ def guard(
     login_limiter: RateLimiter,
     public: PublicRoutes,
     verifier: TokenVerifier,
+    operator: PublicRoutes | None = None,
+    internal_port: int = 0,
     trust_forwarded_for: bool = False,
     gzip_min_bytes: int = 1024,
 ) -> Middleware:
-    """Rate limits, then a valid token on every route that is not public; gzip on the way out."""
+    """Rate limits, then a valid token on every route that is not public; gzip on the way out.
+
+    ``operator`` routes (status, metrics, the dashboard's data) also need the token to be an
+    admin's or a manager's, except on ``internal_port``, where they need none.
+    """
     unauthenticated = child(REJECTED, "unauthenticated")
+    operator = operator or PublicRoutes(())
 
     @web.middleware
     async def guard_request(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -121,25 +129,44 @@ def guard(
             raise too_many_requests(wait)
         # Unknown routes fall through to their 404, which tells nothing GET / does not.
         if request.match_info.http_exception is None and not public.allows(request.method, path):
-            try:
-                token = parse_bearer(request.headers.get("Authorization"))
-                request[PRINCIPAL] = await verifier.verify(token)
-            except AuthError as error:
-                if str(error).startswith(_JWKS_DOWN):
-                    log.warning("cannot check tokens", error=str(error))
-                    raise HttpProblem(
-                        "cannot check tokens right now: the user service's keys are unavailable",
-                        status=503,
-                        headers={"Retry-After": "5"},
-                    ) from None
-                unauthenticated.inc()
-                raise Unauthorized(str(error)) from None
+            for_operators = operator.allows(request.method, path)
+            if not (for_operators and internal_port and arrived_on(request) == internal_port):
+                principal = await _principal(request, verifier, unauthenticated)
+                if for_operators and not principal.is_staff:
+                    raise Forbidden("the gateway's status, metrics and dashboard are for staff")
         response = await handler(request)
         if not response.prepared:  # streamed answers decided for themselves
             compress_if_worthwhile(request, response, gzip_min_bytes)
         return response
 
     return guard_request
+
+
+async def _principal(
+    request: web.Request, verifier: TokenVerifier, unauthenticated: Any
+) -> Principal:
+    """The caller named by the request's bearer token; 401, or 503 when keys are unreachable."""
+    try:
+        token = parse_bearer(request.headers.get("Authorization"))
+        principal = request[PRINCIPAL] = await verifier.verify(token)
+    except AuthError as error:
+        if str(error).startswith(_JWKS_DOWN):
+            log.warning("cannot check tokens", error=str(error))
+            raise HttpProblem(
+                "cannot check tokens right now: the user service's keys are unavailable",
+                status=503,
+                headers={"Retry-After": "5"},
+            ) from None
+        unauthenticated.inc()
+        raise Unauthorized(str(error)) from None
+    return principal
+
+
+def arrived_on(request: web.Request) -> int | None:
+    """The local port the request came in on."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    return sockname[1] if isinstance(sockname, tuple) else None
 
 
 _SECURITY_HEADERS = {

@@ -25,8 +25,8 @@ SERVICES: tuple[str, ...] = tuple(sorted(set(ROUTES.values())))
 
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
-# Login, registration, the catalogue, the keys to check tokens with, and the gateway's own
-# pages. Operators who expose /status, /dashboard or /metrics only inside drop them here.
+# Login, registration, the catalogue, the keys to check tokens with, health, the docs, and
+# the dashboard's page (its data needs a token; the page asks the person to sign in).
 DEFAULT_PUBLIC_ROUTES = (
     "POST /auth/login",
     "POST /users",
@@ -35,12 +35,15 @@ DEFAULT_PUBLIC_ROUTES = (
     "GET /.well-known/*",
     "GET /",
     "GET /health*",
-    "GET /status",
     "GET /openapi.json",
     "GET /docs*",
-    "GET /dashboard*",
-    "GET /metrics",
+    "GET /dashboard",
 )
+
+# The gateway's own operator pages: instances and their URLs, metrics, every user's latest
+# orders. Admins and managers only; without a token on the internal port (for Prometheus
+# and probes inside the network), unless an operator makes them public.
+OPERATOR_ROUTES = ("GET /status", "GET /metrics", "GET /dashboard/*")
 
 
 def service_for(path: str) -> str | None:

@@ -25,6 +25,7 @@ class Settings(bus.settings.Settings):
     ``MICROSHOP_UPSTREAMS`` lists fixed instances (``user=http://user:3010,order=...``),
     for when discovery on the bus is off or cannot see them (Kubernetes Services).
     ``MICROSHOP_PUBLIC_ROUTES`` lists what passes without a token (``GET /products*,...``).
+    ``MICROSHOP_INTERNAL_PORT`` opens the operator pages without a token on a second port.
     """
 
     service: str = "gateway"
@@ -46,6 +47,9 @@ class Settings(bus.settings.Settings):
     max_body_bytes: int = Field(default=1 << 20, ge=0)
     gzip_min_bytes: int = Field(default=1024, ge=0)
     public_routes: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PUBLIC_ROUTES
+    # a second port serving /status and /metrics (and the dashboard's data) with no token:
+    # for Prometheus and operators inside the network, never exposed outside (0: none)
+    internal_port: int = Field(default=0, ge=0, le=65535)
     trust_forwarded_for: bool = False  # only behind a proxy that sets X-Forwarded-For
     dashboard_orders: int = Field(default=20, ge=1)
     gc_freeze: bool = True  # see Gateway.start

@@ -35,7 +35,7 @@ def test_the_routed_services_are_the_four() -> None:
     assert SERVICES == ("inventory", "order", "payment", "user")
 
 
-def test_default_public_routes_let_in_login_registration_catalogue_and_pages_only() -> None:
+def test_default_public_routes_let_in_login_registration_catalogue_docs_and_health_only() -> None:
     public = PublicRoutes(DEFAULT_PUBLIC_ROUTES)
     for method, path in [
         ("POST", "/auth/login"),
@@ -47,7 +47,7 @@ def test_default_public_routes_let_in_login_registration_catalogue_and_pages_onl
         ("GET", "/health"),
         ("GET", "/health/ready"),
         ("GET", "/docs"),
-        ("GET", "/dashboard/events"),
+        ("GET", "/dashboard"),
         ("GET", "/"),
     ]:
         assert public.allows(method, path), (method, path)
@@ -60,6 +60,10 @@ def test_default_public_routes_let_in_login_registration_catalogue_and_pages_onl
         ("GET", "/inventory"),
         ("POST", "/refunds"),
         ("GET", "/payments/p-1"),
+        ("GET", "/status"),
+        ("GET", "/metrics"),
+        ("GET", "/dashboard/state"),
+        ("GET", "/dashboard/events"),
         ("BREW", "/"),
     ]:
         assert not public.allows(method, path), (method, path)
