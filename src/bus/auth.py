@@ -205,9 +205,14 @@ class TokenVerifier:
         session: aiohttp.ClientSession | None = None,
         leeway: float = 5.0,
         min_refresh_interval: float = 30.0,
+        failure_backoff: float = 1.0,
         cache_size: int = 10_000,
     ) -> None:
-        """Give exactly one of ``jwks_url`` or ``jwks``; ``from_jwks`` is the usual static path."""
+        """Give exactly one of ``jwks_url`` or ``jwks``; ``from_jwks`` is the usual static path.
+
+        An unknown key id refetches the JWKS at most once per ``min_refresh_interval``
+        seconds; after a failed fetch, the next one may come ``failure_backoff`` seconds later.
+        """
         if (jwks_url is None) == (jwks is None):
             raise ValueError("pass exactly one of jwks_url or jwks")
         self.issuer = issuer
@@ -218,7 +223,9 @@ class TokenVerifier:
         self._session = session
         self._keys = _load_jwks(jwks) if jwks is not None else {}
         self._min_refresh_interval = min_refresh_interval
-        self._last_fetch: float | None = None
+        self._failure_backoff = failure_backoff
+        self._fetched_at: float | None = None  # monotonic, last successful fetch
+        self._failed_at: float | None = None  # monotonic, last failed fetch; None after a success
         self._fetch_lock = asyncio.Lock()
         self._cache: OrderedDict[str, tuple[Principal, float]] = OrderedDict()
         self._cache_size = cache_size
@@ -290,8 +297,9 @@ class TokenVerifier:
     async def _key_for(self, kid: str) -> Ed25519PublicKey:
         key = self._keys.get(kid)
         if key is None and self._jwks_url is not None:
-            # The lock collapses concurrent misses into one fetch, and the interval stops
-            # a stream of made-up kids from turning us into a JWKS-endpoint hammer.
+            # The lock collapses concurrent misses into one fetch, and the interval (or the
+            # backoff after a failure) stops a stream of made-up kids from turning us into a
+            # JWKS-endpoint hammer.
             async with self._fetch_lock:
                 if kid not in self._keys and self._may_refresh():
                     await self._refresh(self._jwks_url)
@@ -301,15 +309,25 @@ class TokenVerifier:
         return key
 
     def _may_refresh(self) -> bool:
-        return (
-            self._last_fetch is None
-            or time.monotonic() - self._last_fetch >= self._min_refresh_interval
-        )
+        now = time.monotonic()
+        if self._failed_at is not None and now - self._failed_at < self._failure_backoff:
+            return False
+        return self._fetched_at is None or now - self._fetched_at >= self._min_refresh_interval
 
     async def _refresh(self, url: str) -> None:
-        # Stamped before fetching so failures are rate limited too.
-        self._last_fetch = time.monotonic()
         self.stats.jwks_fetches += 1
+        try:
+            document = await self._download(url)
+        except AuthError:
+            # A failed fetch is no refresh: once the user service is back, the next unknown
+            # kid may fetch again after the short backoff, not the whole refresh interval.
+            self._failed_at = time.monotonic()
+            raise
+        self._keys = _load_jwks(document)
+        self._fetched_at = time.monotonic()
+        self._failed_at = None
+
+    async def _download(self, url: str) -> dict[str, Any]:
         try:
             if self._session is not None:
                 document = await self._fetch(self._session, url)
@@ -321,7 +339,7 @@ class TokenVerifier:
             raise AuthError(f"could not fetch JWKS: {type(exc).__name__}") from exc
         if not isinstance(document, dict):
             raise AuthError("could not fetch JWKS: not a JSON object")
-        self._keys = _load_jwks(document)
+        return document
 
     @staticmethod
     async def _fetch(session: aiohttp.ClientSession, url: str) -> Any:

@@ -100,17 +100,17 @@ class Proxy:
 
     async def forward(self, request: web.Request, service: str) -> web.StreamResponse:
         """Forward ``request`` to an instance of ``service`` and relay its answer."""
-        try:
-            body = await self._body(request)
-        except BodyTooLarge as problem:
-            response = problem.response(instance=request.path)
-            response.force_close()  # rather than read the rest of the body to reuse it
-            return response
         headers = upstream_headers(request)
         url = request.raw_path
         method = request.method
         retryable = method in _IDEMPOTENT or "Idempotency-Key" in headers
-        retryable = retryable and (body is None or isinstance(body, bytes))
+        try:
+            # a request that may be sent again needs its body kept, not streamed once
+            body = await self._body(request, whole=retryable)
+        except BodyTooLarge as problem:
+            response = problem.response(instance=request.path)
+            response.force_close()  # rather than read the rest of the body to reuse it
+            return response
         deadline = asyncio.get_running_loop().time() + self.timeout
         tried: list[Instance] = []
         while True:
@@ -138,15 +138,19 @@ class Proxy:
                         f"the {service} service failed to answer", status=502
                     ) from None
 
-    async def _body(self, request: web.Request) -> bytes | aiohttp.StreamReader | None:
+    async def _body(
+        self, request: web.Request, *, whole: bool
+    ) -> bytes | aiohttp.StreamReader | None:
+        """The request's body, refused past ``max_body`` bytes: read into bytes when
+        ``whole`` or when its length is unknown (chunked), else the stream to pass on."""
         length = request.content_length
-        if length is not None:
-            if length > self.max_body:
-                raise self._too_large()
-            return request.content if length else None
+        if length is not None and length > self.max_body:
+            raise self._too_large()
         if not request.body_exists:
             return None
-        # Chunked: read at most one byte past the limit, never the whole of a huge body.
+        if length is not None and not whole:
+            return request.content
+        # Read at most one byte past the limit, never the whole of a huge chunked body.
         body = await request.content.read(self.max_body + 1)
         while len(body) <= self.max_body and not request.content.at_eof():
             more = await request.content.read(self.max_body + 1 - len(body))

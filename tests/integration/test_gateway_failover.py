@@ -7,6 +7,7 @@ their own; the gateway runs in the test's process and finds them by their heartb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 import time
@@ -54,19 +55,32 @@ def available(gateway: Gateway, service: str) -> int:
     return sum(instance.available for instance in gateway.registry.rotation(service))
 
 
+@contextlib.asynccontextmanager
+async def second_inventory(
+    local: LocalSystem, logs: Path, port: int, **env: str
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """One more inventory process, on ``port`` with ``env`` added; killed after if alive."""
+    with (logs / "inventory-2.log").open("ab") as log:
+        second = await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "microshop.cli", "run", "inventory", "--port", str(port)),
+            env={**local.env("inventory"), "MICROSHOP_PORT": str(port), **env},
+            stdout=log,
+            stderr=log,
+        )
+    try:
+        yield second
+    finally:
+        if second.returncode is None:
+            second.kill()
+            await second.wait()
+
+
 async def test_a_second_instance_joins_in_seconds_and_losing_one_of_two_loses_no_get(
     system: tuple[LocalSystem, Gateway], tmp_path: Path
 ) -> None:
     local, gateway = system
     port = free_port()
-    with (tmp_path / "inventory-2.log").open("ab") as log:
-        second = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "microshop.cli", "run", "inventory", "--port", str(port)),
-            env={**local.env("inventory"), "MICROSHOP_PORT": str(port)},
-            stdout=log,
-            stderr=log,
-        )
-    try:
+    async with second_inventory(local, tmp_path, port) as second:
         started = time.monotonic()
         await eventually(lambda: available(gateway, "inventory") == 2, within=20)
         assert time.monotonic() - started < 10
@@ -87,16 +101,29 @@ async def test_a_second_instance_joins_in_seconds_and_losing_one_of_two_loses_no
             await asyncio.sleep(1.5)
             done.set()
             await asyncio.gather(*readers)
-    finally:
-        if second.returncode is None:
-            second.kill()
-            await second.wait()
 
     assert all(count > 0 for count in served.values()), served  # both were in rotation
     assert statuses[200] > 50
     assert set(statuses) == {200}, statuses
     (killed,) = [i for i in gateway.registry.rotation("inventory") if str(port) in i.url]
     assert not killed.available
+
+
+async def test_an_instance_is_reached_at_the_url_it_advertises(
+    system: tuple[LocalSystem, Gateway], tmp_path: Path
+) -> None:
+    local, gateway = system
+    port = free_port()
+    advertised = f"http://localhost:{port}"  # not the 127.0.0.1 address it would announce
+    async with second_inventory(local, tmp_path, port, MICROSHOP_ADVERTISE_URL=advertised):
+        await eventually(lambda: available(gateway, "inventory") == 2, within=20)
+        urls = {instance.url for instance in gateway.registry.rotation("inventory")}
+        assert urls == {local.url("inventory"), advertised}
+        async with Caller(gateway.settings.public_url) as caller:
+            for _ in range(4):
+                assert (await caller.call("GET", "/products")).status == 200
+        (second,) = [i for i in gateway.registry.rotation("inventory") if i.url == advertised]
+        assert second.requests > 0
 
 
 async def test_a_dead_service_answers_503_at_once_and_is_back_when_it_restarts(

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -33,11 +35,21 @@ SECURITY_HEADERS = {
 BIG = [{"id": f"item-{n}", "name": "a product with a long enough name", "n": n} for n in range(200)]
 
 
+@dataclass
+class Cutoffs:
+    """Shared by stand-in instances: how many of the next requests to ``/orders/flaky``,
+    whichever instance they reach, lose their connection; and what each instance did."""
+
+    left: int = 0
+    log: list[tuple[str, str]] = field(default_factory=list)  # (instance url, what it did)
+
+
 class Upstream:
     """An HTTP server standing in for the order service: it records what it was sent."""
 
-    def __init__(self) -> None:
+    def __init__(self, cutoffs: Cutoffs | None = None) -> None:
         self.received: list[dict[str, Any]] = []
+        self.cutoffs = cutoffs or Cutoffs()
         self.release_stream = asyncio.Event()
         self.url = ""
         app = web.Application()
@@ -48,6 +60,7 @@ class Upstream:
         app.router.add_get("/orders/stream", self.stream)
         app.router.add_get("/orders/busy", self.busy)
         app.router.add_get("/orders/broken", self.broken)
+        app.router.add_post("/orders/flaky", self.flaky)
         self.runner = web.AppRunner(app)
 
     async def start(self) -> str:
@@ -77,6 +90,18 @@ class Upstream:
 
     async def broken(self, _: web.Request) -> web.Response:
         return web.json_response({"broken": True}, status=503)
+
+    async def flaky(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        if self.cutoffs.left > 0:
+            # the request arrived whole, then the connection is reset before any answer
+            self.cutoffs.left -= 1
+            self.cutoffs.log.append((self.url, "cut"))
+            assert request.transport is not None
+            request.transport.abort()
+            return web.Response()  # never sent: the connection is gone
+        self.cutoffs.log.append((self.url, "answered"))
+        return web.json_response({"body": body.decode()}, status=201)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/plain"})
@@ -123,7 +148,7 @@ async def test_security_headers_and_request_ids_on_every_answer(
     async with Caller(gateway.settings.public_url) as caller:
         answers = {
             "proxied": await caller.call("GET", "/orders/echo", token=TOKEN),
-            "own": await caller.call("GET", "/status"),
+            "own": await caller.call("GET", "/"),
             "unauthenticated": await caller.call("GET", "/orders/echo"),
             "unknown": await caller.call("GET", "/nowhere"),
             "no instance": await caller.call("GET", "/providers"),
@@ -304,3 +329,43 @@ async def test_a_service_shedding_load_keeps_its_instance_a_broken_one_loses_it(
         answer = await caller.call("GET", "/orders/echo", token=TOKEN)
     assert answer.status == 503
     assert len(upstream.received) == 1, "the breaker kept the last request from the instance"
+
+
+async def test_a_keyed_post_is_retried_on_another_instance_after_a_reset_a_bare_one_is_not(
+    gateways: Gateways,
+) -> None:
+    cutoffs = Cutoffs()
+    instances = [Upstream(cutoffs), Upstream(cutoffs)]
+    try:
+        urls = {await instance.start() for instance in instances}
+        gateway = await gateways.start(
+            verifier=VERIFIER, upstreams=tuple(("order", url) for url in sorted(urls))
+        )
+        await eventually(lambda: sum(i.available for i in gateway.registry.rotation("order")) == 2)
+        order = {"items": [{"product_id": "mouse", "quantity": 1}]}
+        async with Caller(gateway.settings.public_url) as caller:
+            cutoffs.left = 1  # whichever instance the gateway tries first
+            keyed = await caller.call(
+                "POST",
+                "/orders/flaky",
+                token=TOKEN,
+                json=order,
+                headers={"Idempotency-Key": "order-form-7"},
+            )
+            keyed_attempts = list(cutoffs.log)
+            cutoffs.log.clear()
+            cutoffs.left = 1
+            bare = await caller.call("POST", "/orders/flaky", token=TOKEN, json=order)
+    finally:
+        for instance in instances:
+            await instance.runner.cleanup()
+
+    assert keyed.status == 201, keyed.body
+    assert json.loads(keyed.body["body"]) == order  # the same body, sent a second time
+    (cut, _), (answered, what) = keyed_attempts
+    assert (what, {cut, answered}) == ("answered", urls)  # tried once more, elsewhere
+
+    assert bare.status == 502, bare.body
+    assert bare.headers["Content-Type"] == "application/problem+json"
+    assert bare.body["detail"] == "the order service failed to answer"
+    assert [what for _, what in cutoffs.log] == ["cut"]  # never sent a second time

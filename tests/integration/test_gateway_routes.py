@@ -12,12 +12,14 @@ from tests.integration.conftest import ServiceStarter
 from tests.integration.test_gateway_support import (
     ALICE,
     BOB,
+    CAROL,
     Caller,
     Gateways,
     place_order,
     start_system,
     wait_for_order,
 )
+from tests.support import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -86,9 +88,10 @@ async def test_every_route_reaches_its_service(
 async def test_gateway_describes_itself_and_the_system(
     gateways: Gateways, run_service: ServiceStarter, unique: str
 ) -> None:
-    system = await start_system(run_service, gateways, unique)
+    system = await start_system(run_service, gateways, unique, version="2.4.1")
     async with Caller(system.url) as caller:
         info = await caller.call("GET", "/")
+        assert (info.body["name"], info.body["version"]) == ("microshop gateway", "2.4.1")
         assert info.body["routes"]["/refunds"] == "payment"
         assert info.body["routes"]["/reservations"] == "inventory"
 
@@ -97,7 +100,7 @@ async def test_gateway_describes_itself_and_the_system(
         assert health.body["down"] == []
         assert set(health.body["services"]) == {"user", "inventory", "payment", "order"}
 
-        status = await caller.call("GET", "/status")
+        status = await caller.call("GET", "/status", as_user=ALICE)
         (instance,) = status.body["services"]["order"]["instances"]
         assert instance["url"] == system.services["order"].settings.public_url
         assert instance["instance_id"] == system.services["order"].instance_id
@@ -119,8 +122,32 @@ async def test_gateway_describes_itself_and_the_system(
         assert "script-src 'sha256-" in docs.headers["Content-Security-Policy"]
 
         await caller.call("GET", "/products")
-        metrics = await caller.call("GET", "/metrics")
+        metrics = await caller.call("GET", "/metrics", as_user=ALICE)
         assert 'microshop_http_requests_total{method="GET",route="/products"' in metrics.body
+
+
+async def test_status_metrics_and_dashboard_data_are_for_staff_or_the_internal_port(
+    gateways: Gateways, run_service: ServiceStarter, unique: str
+) -> None:
+    internal_port = free_port()
+    system = await start_system(run_service, gateways, unique, internal_port=internal_port)
+    operator_pages = ("/status", "/metrics", "/dashboard/state")
+    async with Caller(system.url) as caller:
+        anonymous = [await caller.call("GET", page) for page in operator_pages]
+        customer = [await caller.call("GET", page, as_user=BOB) for page in operator_pages]
+        manager = [await caller.call("GET", page, as_user=CAROL) for page in operator_pages]
+        page = await caller.call("GET", "/dashboard")  # the page itself holds no data
+    assert [a.status for a in anonymous] == [401, 401, 401]
+    assert [a.status for a in customer] == [403, 403, 403]
+    assert "staff" in customer[0].body["detail"]
+    assert [a.status for a in manager] == [200, 200, 200]
+    assert page.status == 200
+    async with Caller(f"http://127.0.0.1:{internal_port}") as inside:
+        scraped = [await inside.call("GET", page) for page in operator_pages]
+        elsewhere = await inside.call("GET", "/orders")  # the rest still needs a token
+    assert [a.status for a in scraped] == [200, 200, 200]
+    assert "microshop_http_requests_total" in scraped[1].body
+    assert elsewhere.status == 401
 
 
 async def test_one_user_cannot_read_another_users_order_or_payment(

@@ -394,6 +394,31 @@ async def test_jwks_fetch_failure_is_an_auth_error(
     assert message.startswith("could not fetch JWKS")
 
 
+async def test_a_failed_jwks_fetch_does_not_hold_off_the_next_once_the_service_is_back(
+    key: SigningKey, jwks_server: JwksServer
+) -> None:
+    verifier = url_verifier(jwks_server, failure_backoff=0.05)  # refresh interval: 30 s
+    jwks_server.status = 503
+    assert (await refused(verifier, mint(key))).startswith("could not fetch JWKS")
+    jwks_server.status = 200
+    await asyncio.sleep(0.1)
+    assert (await verifier.verify(mint(key))).user_id == "u1"
+    assert jwks_server.hits == 2
+
+
+async def test_after_a_failed_jwks_fetch_unknown_kids_wait_out_the_backoff(
+    key: SigningKey, jwks_server: JwksServer
+) -> None:
+    jwks_server.status = 503
+    verifier = url_verifier(jwks_server)  # default backoff: 1 s
+    tokens = [mint(SigningKey.generate(kid=f"bogus{i}")) for i in range(10)]
+    together = await asyncio.gather(*(refused(verifier, t) for t in tokens[:5]))
+    one_by_one = [await refused(verifier, t) for t in tokens[5:]]
+    assert jwks_server.hits == 1  # one fetch in flight, then none until the backoff is over
+    assert sum(m.startswith("could not fetch JWKS") for m in together) == 1
+    assert set(one_by_one) == {"unknown key id"}
+
+
 def test_verifier_needs_exactly_one_key_source(key: SigningKey) -> None:
     with pytest.raises(ValueError, match="exactly one"):
         TokenVerifier(issuer=ISS, audience=AUD)

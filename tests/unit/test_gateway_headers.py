@@ -1,13 +1,16 @@
-"""Which headers cross the gateway, and what it adds."""
+"""Which headers cross the gateway, what it adds, and what it keeps to itself."""
 
 from __future__ import annotations
 
 from unittest.mock import Mock
 
-from aiohttp.test_utils import make_mocked_request
+import pytest
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from bus.auth import SigningKey, TokenVerifier
 from bus.web import REQUEST_ID
+from gateway.app import Gateway, Settings, build
 from gateway.headers import downstream_headers, upstream_headers
 
 
@@ -77,3 +80,30 @@ def test_answers_lose_hop_by_hop_headers_and_the_services_identity() -> None:
         "Content-Length": "2",
         "Location": "/orders/1",
     }
+
+
+@pytest.fixture
+def gateway() -> Gateway:
+    """A gateway whose app the tests serve in-process: no bus, no instances, never started."""
+    verifier = TokenVerifier.from_jwks(
+        SigningKey.generate().jwks(), issuer="microshop-user", audience="microshop"
+    )
+    return build(Settings(discovery=False, gc_freeze=False), verifier=verifier)
+
+
+async def test_an_unexpected_error_in_the_gateway_is_a_500_problem_without_the_trace(
+    gateway: Gateway, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_pick(*_: object) -> None:
+        raise RuntimeError("balancer state corrupt at /srv/gateway/balancer.py")
+
+    monkeypatch.setattr(gateway.balancer, "pick", broken_pick)
+    async with TestClient(TestServer(gateway.app)) as client:
+        response = await client.get("/products")  # public, so it reaches the proxy
+        text = await response.text()
+    assert response.status == 500
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert len(response.headers["X-Request-ID"]) == 32
+    assert (await response.json())["detail"] == "internal error"
+    for leak in ("Traceback", "RuntimeError", "corrupt", "/srv/", ".py"):
+        assert leak not in text, leak
