@@ -188,18 +188,19 @@ async def login(request: web.Request, body: Credentials) -> web.Response:
     or the account inactive, so the answer does not tell which emails have accounts.
     """
     email = body.email.strip().lower()
-    throttle = request.app[THROTTLE]
-    if (wait := throttle.begin(email)) is not None:
+    transactions = request.app[TRANSACTIONS]
+    wait = await handlers.begin_login_attempt(transactions, request.app[THROTTLE], email)
+    if wait is not None:
         log.warning("login throttled", retry_after=wait)
         raise HttpProblem(
             "too many failed logins for this email; try again later",
             status=429,
             headers={"Retry-After": str(wait)},
         )
-    user = await handlers.authenticate(request.app[TRANSACTIONS], email, body.password)
+    user = await handlers.authenticate(transactions, email, body.password)
     if user is None:
         raise Unauthorized("invalid email or password")
-    throttle.succeeded(email)
+    await handlers.forget_login_attempts(transactions, email)
     tokens = request.app[TOKENS]
     return json_response(AccessToken(access_token=tokens.mint(user), expires_in=tokens.ttl_seconds))
 

@@ -127,7 +127,7 @@ def build(settings: Settings, **test_overrides: Any) -> Service:
         verifier=given_verifier or no_keys_yet,
     )
     service.app[THROTTLE] = LoginThrottle(
-        settings.login_max_attempts, settings.login_window_seconds
+        max_attempts=settings.login_max_attempts, window_seconds=settings.login_window_seconds
     )
 
     async def start_up(app: web.Application) -> None:

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import math
 import re
-import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import Enum, StrEnum
 
 
@@ -149,44 +147,31 @@ DEMO_USERS: tuple[tuple[str, str, Role], ...] = (
 # --- login throttling -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
 class LoginThrottle:
     """Allows ``max_attempts`` unsuccessful logins per email in a sliding window.
 
     An attempt is counted when it starts and forgotten when it succeeds, so parallel
-    guesses cannot slip past the limit while their password checks are running. The
-    state is in memory, per instance; at most ``max_tracked`` emails are remembered,
-    the least recently tried forgotten first.
+    guesses cannot slip past the limit while their password checks are running. This is
+    the rule only: the attempts are kept in the service's database, so that every
+    instance counts the same ones and a restart forgets none.
     """
 
-    def __init__(
-        self,
-        max_attempts: int = 5,
-        window_seconds: float = 300.0,
-        *,
-        max_tracked: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        """Set the limit; ``clock`` is injectable so tests need not wait."""
-        self.max_attempts = max_attempts
-        self.window_seconds = window_seconds
-        self.max_tracked = max_tracked
-        self._clock = clock
-        self._attempts: OrderedDict[str, deque[float]] = OrderedDict()
+    max_attempts: int = 5
+    window_seconds: float = 300.0
 
-    def begin(self, email: str) -> int | None:
-        """Count an attempt for ``email``; or, when over the limit, the seconds to wait."""
-        now = self._clock()
-        attempts = self._attempts.pop(email, None) or deque()
-        while attempts and attempts[0] <= now - self.window_seconds:
-            attempts.popleft()
-        self._attempts[email] = attempts
-        if len(self._attempts) > self.max_tracked:
-            self._attempts.popitem(last=False)
-        if len(attempts) >= self.max_attempts:
-            return max(1, math.ceil(attempts[0] + self.window_seconds - now))
-        attempts.append(now)
-        return None
+    def window_start(self, now: datetime) -> datetime:
+        """Attempts made at or before this moment no longer count."""
+        return now - timedelta(seconds=self.window_seconds)
 
-    def succeeded(self, email: str) -> None:
-        """Forget ``email``'s attempts: the right password was given."""
-        self._attempts.pop(email, None)
+    def wait_seconds(self, attempts: Iterable[datetime], now: datetime) -> int | None:
+        """None when another attempt may start now, given the email's counted attempts;
+        else the whole seconds until enough of them have left the window."""
+        counted = sorted(moment for moment in attempts if moment > self.window_start(now))
+        if len(counted) < self.max_attempts:
+            return None
+        # the limit may have been lowered since these were counted: wait for all but
+        # max_attempts - 1 of them to leave, not just the oldest
+        must_leave = counted[len(counted) - self.max_attempts]
+        remaining = (must_leave - self.window_start(now)).total_seconds()
+        return max(1, math.ceil(remaining))

@@ -22,7 +22,7 @@ from bus.auth import SigningKey, TokenVerifier
 from bus.inbox import UnitHandler
 from bus.outbox import Transactions, UnitOfWork
 from user_svc import store
-from user_svc.domain import Role, Status, User
+from user_svc.domain import LoginThrottle, Role, Status, User
 from user_svc.messages import (
     UserActivated,
     UserCreated,
@@ -82,6 +82,34 @@ async def authenticate(transactions: Transactions, email: str, password: str) ->
             await store.set_password_hash(unit.session, user.id, new_hash)
     log.info("user logged in", user_id=user.id)
     return user
+
+
+async def begin_login_attempt(
+    transactions: Transactions, throttle: LoginThrottle, email: str
+) -> int | None:
+    """Count a login attempt for ``email``; or, when ``throttle`` is full, the seconds to wait.
+
+    The count is in the database and taken under a lock on the email, so every instance
+    keeps to one limit, also when attempts arrive at several at once, and a restart
+    forgets nothing.
+    """
+    now = datetime.now(UTC)
+    async with transactions.begin() as unit:
+        await store.lock_login_attempts(unit.session, email)
+        await store.prune_login_attempts(unit.session, until=throttle.window_start(now))
+        counted = await store.login_attempt_times(
+            unit.session, email, after=throttle.window_start(now), limit=throttle.max_attempts
+        )
+        wait = throttle.wait_seconds(counted, now)
+        if wait is None:
+            await store.add_login_attempt(unit.session, email, now)
+    return wait
+
+
+async def forget_login_attempts(transactions: Transactions, email: str) -> None:
+    """Stop counting ``email``'s attempts: the right password was given."""
+    async with transactions.begin() as unit:
+        await store.forget_login_attempts(unit.session, email)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
 """The user service's tables and the queries on them.
 
 Emails are stored normalised (lower case) under a unique constraint, which is what makes
-duplicate registrations fail, also when two arrive at once.
+duplicate registrations fail, also when two arrive at once. Login attempts are stored
+too, so that every instance throttles the same ones and a restart keeps them.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
+    Index,
+    Integer,
     MetaData,
     String,
     Table,
@@ -21,11 +25,12 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.db import insert_for
+from bus.db import dialect_of, insert_for
 from user_svc.domain import Role, Status, User
 
 metadata = MetaData()
@@ -52,6 +57,18 @@ signing_keys = Table(
     Column("name", String(32), primary_key=True),
     Column("private_key_pem", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per login attempt that counts against an email's limit: the email as typed at
+# login (trimmed, lower case) and when the attempt started; nothing else.
+login_attempts = Table(
+    "login_attempts",
+    metadata,
+    Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
+    Column("email", String(320), nullable=False),
+    Column("attempted_at", DateTime(timezone=True), nullable=False),
+    Index("login_attempts_by_email", "email", "attempted_at"),
+    Index("login_attempts_by_age", "attempted_at"),
 )
 
 _USER_COLUMNS = [column for column in users.c if column.name != "password_hash"]
@@ -172,3 +189,56 @@ async def first_signing_key(session: AsyncConnection, candidate_pem: str) -> str
     await session.execute(statement.on_conflict_do_nothing())
     query = select(signing_keys.c.private_key_pem).where(signing_keys.c.name == "current")
     return str(await session.scalar(query))
+
+
+async def lock_login_attempts(session: AsyncConnection, email: str) -> None:
+    """Make other transactions wait to count ``email``'s attempts until this one ends.
+
+    On PostgreSQL a transaction-scoped advisory lock on the email, so that two instances
+    cannot both see room for one more attempt and both add it. SQLite's writers already
+    take turns (every transaction begins IMMEDIATE).
+    """
+    if dialect_of(session) == "postgresql":
+        lock = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
+        await session.execute(lock, {"key": f"login_attempts:{email}"})
+
+
+async def login_attempt_times(
+    session: AsyncConnection, email: str, *, after: datetime, limit: int
+) -> list[datetime]:
+    """When ``email``'s latest ``limit`` attempts made after ``after`` started."""
+    query = (
+        select(login_attempts.c.attempted_at)
+        .where(login_attempts.c.email == email, login_attempts.c.attempted_at > after)
+        .order_by(login_attempts.c.attempted_at.desc())
+        .limit(limit)
+    )
+    return [_utc(moment) for moment in (await session.scalars(query))]
+
+
+async def add_login_attempt(session: AsyncConnection, email: str, at: datetime) -> None:
+    """Count a login attempt for ``email`` that started ``at``."""
+    await session.execute(insert(login_attempts).values(email=email, attempted_at=at))
+
+
+async def forget_login_attempts(session: AsyncConnection, email: str) -> None:
+    """Delete every login attempt counted for ``email``."""
+    await session.execute(delete(login_attempts).where(login_attempts.c.email == email))
+
+
+async def prune_login_attempts(
+    session: AsyncConnection, *, until: datetime, batch: int = 100
+) -> None:
+    """Delete up to ``batch`` attempts made at or before ``until``, which count no more.
+
+    Rows another transaction is deleting are skipped, not waited for (on PostgreSQL), so
+    pruning never blocks a login. Each attempt adds one row and prunes up to ``batch``,
+    so expired rows cannot pile up while logins go on.
+    """
+    expired = (
+        select(login_attempts.c.id)
+        .where(login_attempts.c.attempted_at <= until)
+        .limit(batch)
+        .with_for_update(skip_locked=True)
+    )
+    await session.execute(delete(login_attempts).where(login_attempts.c.id.in_(expired)))

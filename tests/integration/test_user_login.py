@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+from datetime import UTC, datetime, timedelta
+
 import pytest
+from sqlalchemy import select
 
 import user_svc.app
 from bus.amqp import AmqpBroker
@@ -16,6 +20,7 @@ from tests.integration.test_user_support import (
     EventLog,
     UserHttp,
 )
+from user_svc import store
 
 pytestmark = pytest.mark.integration
 
@@ -82,6 +87,90 @@ async def test_repeated_failures_for_an_email_are_throttled_with_429(
     assert throttled.headers["Content-Type"].startswith("application/problem+json")
     assert 0 < int(throttled.headers["Retry-After"]) <= 300
     assert other_email.status == 200
+
+
+async def test_failures_spread_over_two_instances_are_throttled_at_one_instances_limit(
+    run_service: ServiceStarter,
+) -> None:
+    # the same module twice: two instances on one schema, as two replicas are
+    one, other = await asyncio.gather(run_service(user_svc.app), run_service(user_svc.app))
+    wrong = {"email": "nora@example.com", "password": "guess-guess"}
+    right = {"email": "nora@example.com", "password": "password-1"}
+    async with (
+        UserHttp(one.settings.public_url) as on_one,
+        UserHttp(other.settings.public_url) as on_other,
+    ):
+        await on_one.register("Nora", "nora@example.com", "password-1")
+        failures = [
+            (await instance.call("POST", "/auth/login", json=wrong)).status
+            for instance in (on_one, on_other, on_one, on_other, on_one)
+        ]
+        throttled = [
+            await instance.call("POST", "/auth/login", json=right)
+            for instance in (on_other, on_one)
+        ]
+
+    assert failures == [401] * 5
+    assert [answer.status for answer in throttled] == [429, 429]
+    assert all(0 < int(answer.headers["Retry-After"]) <= 300 for answer in throttled)
+
+
+async def test_parallel_failures_on_two_instances_get_past_the_limit_no_more_often_than_it_allows(
+    run_service: ServiceStarter,
+) -> None:
+    one, other = await asyncio.gather(run_service(user_svc.app), run_service(user_svc.app))
+    wrong = {"email": "omar@example.com", "password": "guess-guess"}
+    async with (
+        UserHttp(one.settings.public_url) as on_one,
+        UserHttp(other.settings.public_url) as on_other,
+    ):
+        await on_one.register("Omar", "omar@example.com", "password-1")
+        answers = await asyncio.gather(
+            *(
+                instance.call("POST", "/auth/login", json=wrong)
+                for instance in [on_one, on_other] * 6
+            )
+        )
+
+    statuses = sorted(answer.status for answer in answers)
+    assert statuses == [401] * 5 + [429] * 7
+
+
+async def test_a_throttle_outlives_a_restart_of_the_service(run_service: ServiceStarter) -> None:
+    first = await run_service(user_svc.app)
+    wrong = {"email": "pia@example.com", "password": "guess-guess"}
+    right = {"email": "pia@example.com", "password": "password-1"}
+    async with UserHttp(first.settings.public_url) as users:
+        await users.register("Pia", "pia@example.com", "password-1")
+        failures = [(await users.call("POST", "/auth/login", json=wrong)).status for _ in range(5)]
+    await first.stop()
+
+    second = await run_service(user_svc.app)
+    async with UserHttp(second.settings.public_url) as users:
+        throttled = await users.call("POST", "/auth/login", json=right)
+
+    assert failures == [401] * 5
+    assert throttled.status == 429
+    assert throttled.headers["Content-Type"].startswith("application/problem+json")
+    assert throttled.body["detail"] == "too many failed logins for this email; try again later"
+
+
+async def test_a_login_attempt_prunes_attempts_that_have_left_the_window(
+    run_service: ServiceStarter,
+) -> None:
+    service = await run_service(user_svc.app)
+    long_ago = datetime.now(UTC) - timedelta(seconds=301)
+    async with service.transactions.begin() as unit:
+        for number in range(3):
+            await store.add_login_attempt(unit.session, f"old-{number}@example.com", long_ago)
+    async with UserHttp(service.settings.public_url) as users:
+        wrong = {"email": "quinn@example.com", "password": "guess-guess"}
+        failed = await users.call("POST", "/auth/login", json=wrong)
+    async with service.db.session() as session:
+        left = (await session.execute(select(store.login_attempts.c.email))).scalars().all()
+
+    assert failed.status == 401
+    assert left == ["quinn@example.com"]
 
 
 async def test_a_deactivated_user_cannot_log_in_or_use_their_token_until_activated(

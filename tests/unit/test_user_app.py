@@ -81,3 +81,34 @@ async def test_the_demo_runs_on_sqlite_and_keeps_its_key_across_restarts(tmp_pat
         assert listing["items"][0]["created_at"].endswith("Z")
 
     assert jwks[0] == jwks[1]
+
+
+async def test_on_sqlite_a_success_resets_the_login_throttle_and_a_restart_keeps_it(
+    tmp_path: Path,
+) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        port=free_port(),
+        demo_data=True,
+        heartbeat_seconds=60,
+        login_max_attempts=2,
+    )
+    right = {"email": "carol@example.com", "password": DEMO_PASSWORD}
+    wrong = {"email": "carol@example.com", "password": "not-the-password"}
+    statuses: list[list[int]] = []
+    for attempts in ([wrong, right, wrong, wrong, right], [right]):
+        service = build(settings, broker=MemoryBroker())
+        await service.start()
+        try:
+            async with aiohttp.ClientSession(settings.public_url) as http:
+                statuses.append([])
+                for body in attempts:
+                    async with http.post("/auth/login", json=body) as response:
+                        statuses[-1].append(response.status)
+                        retry_after = response.headers.get("Retry-After")
+        finally:
+            await service.stop()
+
+    assert statuses == [[401, 200, 401, 401, 429], [429]]
+    assert retry_after is not None
+    assert 0 < int(retry_after) <= 300

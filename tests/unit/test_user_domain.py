@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -144,45 +144,42 @@ def test_demo_data_is_alice_admin_bob_user_carol_manager() -> None:
     ]
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
+T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
-    def __call__(self) -> float:
-        return self.now
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
 
 
 def test_throttle_refuses_the_attempt_after_the_limit_until_the_window_passes() -> None:
-    clock = Clock()
-    throttle = LoginThrottle(max_attempts=3, window_seconds=60, clock=clock)
+    throttle = LoginThrottle(max_attempts=3, window_seconds=60)
+    counted = [at(0), at(0), at(0)]
 
-    allowed = [throttle.begin("e") for _ in range(3)]
-    clock.now += 10
-    refused = throttle.begin("e")
-    clock.now += 50  # the first attempt is now a full window old
-    after_window = throttle.begin("e")
-
-    assert allowed == [None, None, None]
-    assert refused == 50
-    assert after_window is None
+    assert throttle.wait_seconds(counted[:2], at(10)) is None
+    assert throttle.wait_seconds(counted, at(10)) == 50
+    assert throttle.wait_seconds(counted, at(59.5)) == 1  # rounded up, never 0
+    assert throttle.wait_seconds(counted, at(60)) is None  # a full window old: not counted
 
 
-def test_throttle_counts_each_email_apart_and_forgets_after_a_success() -> None:
-    throttle = LoginThrottle(max_attempts=2, window_seconds=60, clock=Clock())
-    for _ in range(2):
-        throttle.begin("a")
+def test_throttle_window_slides_one_attempt_at_a_time() -> None:
+    throttle = LoginThrottle(max_attempts=3, window_seconds=60)
+    counted = [at(0), at(20), at(40)]
 
-    assert throttle.begin("a") is not None
-    assert throttle.begin("b") is None
-    throttle.succeeded("a")
-    assert throttle.begin("a") is None
+    assert throttle.wait_seconds(counted, at(50)) == 10  # until the first leaves
+    assert throttle.wait_seconds(counted, at(60)) is None  # room for one more, not three
+    assert throttle.wait_seconds([*counted[1:], at(60)], at(61)) == 19
 
 
-def test_throttle_remembers_a_bounded_number_of_emails() -> None:
-    throttle = LoginThrottle(max_attempts=1, window_seconds=60, max_tracked=2, clock=Clock())
-    throttle.begin("first")
-    throttle.begin("second")
-    throttle.begin("third")  # pushes out the least recently tried
+def test_throttle_waits_for_enough_attempts_to_leave_after_the_limit_is_lowered() -> None:
+    throttle = LoginThrottle(max_attempts=2, window_seconds=60)
+    counted = [at(40), at(0), at(20), at(30)]  # counted under a higher limit, in any order
 
-    assert throttle.begin("first") is None
-    assert throttle.begin("third") is not None
+    assert throttle.wait_seconds(counted, at(45)) == 45  # until at(30) leaves: one is left
+
+
+def test_throttle_defaults_to_five_attempts_in_five_minutes() -> None:
+    throttle = LoginThrottle()
+
+    assert throttle.wait_seconds([at(0)] * 4, at(1)) is None
+    assert throttle.wait_seconds([at(0)] * 5, at(1)) == 299
+    assert throttle.window_start(at(300)) == at(0)
