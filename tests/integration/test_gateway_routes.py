@@ -126,6 +126,54 @@ async def test_gateway_describes_itself_and_the_system(
         assert 'microshop_http_requests_total{method="GET",route="/products"' in metrics.body
 
 
+async def test_the_protections_hold_in_front_of_the_real_services(
+    gateways: Gateways, run_service: ServiceStarter, unique: str
+) -> None:
+    system = await start_system(
+        run_service,
+        gateways,
+        unique,
+        gzip_min_bytes=200,
+        max_body_bytes=64 * 1024,
+        rate_limit_rps=1,
+        rate_limit_burst=40,
+    )
+    async with Caller(system.url) as caller:
+        catalogue = await caller.call(
+            "GET", "/products", headers={"Accept-Encoding": "gzip", "X-Request-ID": "req-7"}
+        )
+        oversized = await caller.call(
+            "POST",
+            "/orders",
+            as_user=BOB,
+            data=b"{" + b" " * (65 * 1024) + b"}",
+            headers={"Content-Type": "application/json"},
+        )
+        mine = await caller.call("GET", "/orders", as_user=BOB)
+        statuses = []
+        for _ in range(60):  # bounded: the burst is 40 and refills at 1 a second
+            statuses.append((await caller.call("GET", "/products")).status)
+            if statuses[-1] == 429:
+                break
+        limited = await caller.call("GET", "/products")
+
+    # the inventory service's own answer, compressed and marked on the way out
+    assert catalogue.status == 200
+    assert {item["id"] for item in catalogue.body["items"]} >= {"laptop", "mouse"}
+    assert catalogue.headers["Content-Encoding"] == "gzip"
+    assert catalogue.headers["X-Request-ID"] == "req-7"
+    assert catalogue.headers["X-Content-Type-Options"] == "nosniff"
+    assert catalogue.headers["Cache-Control"] == "no-store"
+    assert oversized.status == 413
+    assert oversized.headers["Content-Type"].startswith("application/problem+json")
+    assert mine.status == 200
+    assert mine.body["items"] == []  # the 413 placed nothing
+    assert statuses[-1] == 429
+    assert statuses[:-1] == [200] * (len(statuses) - 1)
+    assert limited.status == 429
+    assert int(limited.headers["Retry-After"]) >= 1
+
+
 async def test_status_metrics_and_dashboard_data_are_for_staff_or_the_internal_port(
     gateways: Gateways, run_service: ServiceStarter, unique: str
 ) -> None:
