@@ -38,9 +38,12 @@ log = structlog.get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class ChargeRequest:
-    """What to charge, for whom, and with which provider and method."""
+    """What to charge, for whom, and with which provider and method.
 
-    user_id: str
+    ``user_id`` owns the payment; None records it with no owner, for staff's eyes only.
+    """
+
+    user_id: str | None
     amount: Decimal
     currency: str
     provider: str

@@ -165,7 +165,7 @@ class Payment(Record):
 
     id: str
     order_id: str | None
-    user_id: str
+    user_id: str | None  # None: charged by a command that named no user
     transaction_id: str
     amount: Decimal
     currency: str

@@ -66,6 +66,7 @@ async def charge_payment(delivery: Delivery, unit: UnitOfWork, gateway: PaymentG
 
 
 def _answer_again(command: PaymentCharge, existing: Payment) -> PaymentSucceeded | PaymentFailed:
+    # the owner counts too: a charge naming no user matches only a payment with no owner
     charged = (existing.user_id, existing.amount, existing.currency)
     if charged != (command.user_id, command.amount, command.currency):
         # a payment made for another charge (say, over HTTP naming this order) pays nothing here

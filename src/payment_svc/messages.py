@@ -8,7 +8,7 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from bus.envelope import Command, Event
 
@@ -28,7 +28,10 @@ class PaymentCharge(Command):
     type: ClassVar[str] = "payment.charge"
 
     order_id: str
-    user_id: str
+    user_id: str | None = Field(
+        default=None,
+        description="the buyer, who may then see the payment; without one only staff can",
+    )
     amount: Decimal
     currency: str = "USD"
     provider: str

@@ -78,7 +78,7 @@ payments = Table(
     Column("id", String(40), primary_key=True),
     # the "one charge per order" rule; payments without an order (NULL) never clash
     Column("order_id", String(100), unique=True),
-    Column("user_id", String(100), nullable=False),
+    Column("user_id", String(100)),  # None: charged by a command that named no user
     Column("transaction_id", String(40), nullable=False),
     Column("amount", Cents, nullable=False),
     Column("currency", String(3), nullable=False),
@@ -99,7 +99,7 @@ transactions = Table(
     metadata,
     Column("id", String(40), primary_key=True),
     Column("payment_id", ForeignKey("payments.id"), nullable=False, index=True),
-    Column("user_id", String(100), nullable=False),
+    Column("user_id", String(100)),
     Column("type", String(10), nullable=False),
     Column("status", String(20), nullable=False),
     Column("amount", Cents, nullable=False),

@@ -78,6 +78,41 @@ async def test_charge_command_answers_payment_succeeded_with_the_fees(
     assert (payment.body["order_id"], payment.body["status"]) == (order_id, "completed")
 
 
+async def test_charge_command_without_a_user_is_charged_and_only_staff_see_the_payment(
+    service: Service, events: EventLog, amqp: AmqpBroker, tokens: Tokens
+) -> None:
+    order_id = new_order()
+    # the published contract: {order_id, amount, currency, provider, method}, no user_id
+    data = {
+        "order_id": order_id,
+        "amount": "25.00",
+        "currency": "USD",
+        "provider": "stripe",
+        "method": "tok_visa",
+    }
+
+    for _ in range(2):  # the second is the publisher asking again: answered the same
+        await amqp.publish(
+            Envelope(
+                id=uuid.uuid4().hex, source="/tests/contract", type="payment.charge", data=data
+            )
+        )
+
+    answers = await events.wait_for("payment.succeeded", count=2, order_id=order_id)
+    assert answers[1].data == answers[0].data
+    assert answers[0].data["amount"] == "25.00"
+    assert not events.about("payment.failed", order_id=order_id)
+    payment_id = answers[0].data["payment_id"]
+    async with PaymentHttp(service) as http:
+        by_staff = await http.call(
+            "GET", f"/payments/{payment_id}", token=tokens.mint("m-1", "manager")
+        )
+        by_a_user = await http.call("GET", f"/payments/{payment_id}", token=tokens.mint("u-1"))
+    assert (by_staff.status, by_staff.body["status"]) == (200, "completed")
+    assert by_staff.body["user_id"] is None
+    assert by_a_user.status == 404
+
+
 async def test_charge_command_with_a_declined_card_answers_payment_failed(
     service: Service, events: EventLog, amqp: AmqpBroker
 ) -> None:
