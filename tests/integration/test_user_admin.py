@@ -204,3 +204,73 @@ async def test_an_admin_deletes_a_user_with_204_and_user_deleted(
     gone = await events.wait_for("user.deleted", bob_id)
     assert (gone.data["email"], gone.data["role"]) == ("bob@example.com", "user")
     assert len(events.about(bob_id, "user.deleted")) == 1
+
+
+async def test_a_deactivated_user_is_listed_as_inactive_and_no_longer_as_active(
+    run_service: ServiceStarter,
+) -> None:
+    service = await run_service(user_svc.app, settings=DEMO)
+    async with UserHttp(service.settings.public_url) as users:
+        alice = await users.login("alice@example.com", DEMO_PASSWORD)
+        bob = await users.login("bob@example.com", DEMO_PASSWORD)
+        bob_id = (await users.call("GET", "/auth/me", token=bob)).body["id"]
+
+        deactivated = await users.call("POST", f"/users/{bob_id}/deactivate", token=alice)
+        inactive = await users.call("GET", "/users?status=inactive", token=alice)
+        active = await users.call("GET", "/users?status=active", token=alice)
+
+    assert (deactivated.status, deactivated.body["status"]) == (200, "inactive")
+    assert [(u["id"], u["status"]) for u in inactive.body["items"]] == [(bob_id, "inactive")]
+    assert inactive.body["total"] == 1
+    assert [u["name"] for u in active.body["items"]] == ["Alice", "Carol"]
+    assert active.body["total"] == 2
+
+
+async def test_a_manager_can_neither_activate_nor_deactivate_a_user(
+    run_service: ServiceStarter,
+) -> None:
+    service = await run_service(user_svc.app, settings=DEMO)
+    async with UserHttp(service.settings.public_url) as users:
+        alice = await users.login("alice@example.com", DEMO_PASSWORD)
+        carol = await users.login("carol@example.com", DEMO_PASSWORD)
+        bob = await users.login("bob@example.com", DEMO_PASSWORD)
+        bob_id = (await users.call("GET", "/auth/me", token=bob)).body["id"]
+        await users.call("POST", f"/users/{bob_id}/deactivate", token=alice)
+
+        refused = [
+            await users.call("POST", f"/users/{bob_id}/{action}", token=carol)
+            for action in ("activate", "deactivate")
+        ]
+        after = await users.call("GET", f"/users/{bob_id}", token=alice)
+
+    for answer in refused:
+        assert answer.status == 403
+        assert answer.headers["Content-Type"].startswith("application/problem+json")
+        assert answer.body["detail"] == "requires one of the roles: admin"
+    assert after.body["status"] == "inactive"  # the refused activation changed nothing
+
+
+async def test_an_admin_changes_another_users_email_and_user_updated_says_so(
+    run_service: ServiceStarter, amqp: AmqpBroker, unique: str
+) -> None:
+    events = await EventLog.watch(amqp, unique)
+    service = await run_service(user_svc.app, settings=DEMO)
+    new_email = f"robert.{unique}@example.com"
+    async with UserHttp(service.settings.public_url) as users:
+        alice = await users.login("alice@example.com", DEMO_PASSWORD)
+        bob = await users.login("bob@example.com", DEMO_PASSWORD)
+        bob_id = (await users.call("GET", "/auth/me", token=bob)).body["id"]
+
+        changed = await users.call(
+            "PUT", f"/users/{bob_id}", token=alice, json={"email": new_email.upper()}
+        )
+        old_login = await users.call(
+            "POST", "/auth/login", json={"email": "bob@example.com", "password": DEMO_PASSWORD}
+        )
+        await users.login(new_email, DEMO_PASSWORD)
+
+    assert (changed.status, changed.body["email"]) == (200, new_email)
+    assert old_login.status == 401
+    updated = await events.wait_for("user.updated", bob_id)
+    assert (updated.data["changed"], updated.data["email"]) == (["email"], new_email)
+    assert (updated.data["name"], updated.data["role"]) == ("Bob", "user")

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from argon2 import PasswordHasher
+from sqlalchemy import select
 
 import user_svc.app
 from bus.amqp import AmqpBroker
 from tests.integration.conftest import ServiceStarter
 from tests.integration.test_user_support import EventLog, UserHttp
+from user_svc import store
 
 pytestmark = pytest.mark.integration
 
@@ -45,6 +48,24 @@ async def test_registering_answers_201_and_announces_user_created_without_the_pa
         "status": "active",
     }
     assert "s3cret-pw" not in created.to_json().decode()
+
+
+async def test_the_password_is_stored_only_as_an_argon2id_hash(
+    run_service: ServiceStarter, unique: str
+) -> None:
+    password = f"s3cret-{unique}"
+    service = await run_service(user_svc.app)
+    async with UserHttp(service.settings.public_url) as users:
+        account = await users.register("Gina", f"gina.{unique}@example.com", password)
+
+    async with service.db.session() as session:
+        query = select(store.users).where(store.users.c.id == account["id"])
+        row = (await session.execute(query)).one()
+
+    stored = row._mapping
+    assert stored["password_hash"].startswith("$argon2id$")
+    assert PasswordHasher().verify(stored["password_hash"], password)
+    assert not [column for column, value in stored.items() if password in str(value)]
 
 
 async def test_an_email_registers_once_whatever_its_case(run_service: ServiceStarter) -> None:
