@@ -1,15 +1,19 @@
-"""Helpers for tests: waiting with a deadline, and RabbitMQ's topic routing table."""
+"""Helpers for tests: waiting with a deadline, tokens to refuse, and RabbitMQ's topic routing
+table."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import inspect
+import json
 import time
 from collections.abc import Awaitable, Callable
 
+from bus.auth import SigningKey
 from microshop.local import free_port
 
-__all__ = ["ROUTING_TABLE", "eventually", "free_port"]
+__all__ = ["ROUTING_TABLE", "eventually", "free_port", "refused_tokens"]
 
 Condition = Callable[[], bool | Awaitable[bool]]
 
@@ -26,6 +30,43 @@ async def eventually(condition: Condition, *, within: float = 10.0, every: float
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s: {condition}")
         await asyncio.sleep(every)
+
+
+def _b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def _claims(token: str) -> dict[str, object]:
+    payload = token.split(".")[1]
+    decoded: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    return decoded
+
+
+def refused_tokens(
+    key: SigningKey, issuer: str = "microshop-user", audience: str = "microshop"
+) -> dict[str, str | None]:
+    """Tokens a verifier trusting ``key`` must refuse, by why."""
+    good = key.mint(subject="u-1", role="user", issuer=issuer, audience=audience)
+    header, _, signature = good.split(".")
+    promoted = {**_claims(good), "role": "admin"}
+    return {
+        "missing": None,
+        "expired": key.mint(
+            subject="u-1",
+            role="user",
+            issuer=issuer,
+            audience=audience,
+            ttl=60,
+            now=int(time.time()) - 3600,
+        ),
+        "tampered": f"{header}.{_b64(promoted)}.{signature}",
+        "alg none": f"{_b64({'alg': 'none', 'typ': 'JWT', 'kid': key.kid})}.{_b64(promoted)}.",
+        "another key": SigningKey.generate().mint(
+            subject="u-1", role="admin", issuer=issuer, audience=audience
+        ),
+        "wrong audience": key.mint(subject="u-1", role="user", issuer=issuer, audience="other"),
+        "garbage": "not-a-token",
+    }
 
 
 # (binding pattern, routing key, does RabbitMQ's topic exchange route it?)

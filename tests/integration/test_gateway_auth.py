@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import json
-import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -14,7 +11,7 @@ from bus.auth import SigningKey, TokenVerifier
 from tests.conftest import RabbitAdmin
 from tests.integration.conftest import ServiceStarter
 from tests.integration.test_gateway_support import AUDIENCE, ISSUER, Caller, Gateways
-from tests.support import eventually
+from tests.support import eventually, refused_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -23,41 +20,6 @@ pytestmark = pytest.mark.integration
 async def gateways(rabbit: RabbitAdmin, unique: str) -> AsyncIterator[Gateways]:
     async with Gateways(rabbit.url, unique) as started:
         yield started
-
-
-def _b64(data: dict[str, object]) -> str:
-    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-
-def _claims(token: str) -> dict[str, object]:
-    payload = token.split(".")[1]
-    decoded: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=="))
-    return decoded
-
-
-def refused_tokens(key: SigningKey) -> dict[str, str | None]:
-    """Tokens the edge must refuse, by why."""
-    good = key.mint(subject="u-1", role="user", issuer=ISSUER, audience=AUDIENCE)
-    header, _, signature = good.split(".")
-    promoted = {**_claims(good), "role": "admin"}
-    return {
-        "missing": None,
-        "expired": key.mint(
-            subject="u-1",
-            role="user",
-            issuer=ISSUER,
-            audience=AUDIENCE,
-            ttl=60,
-            now=int(time.time()) - 3600,
-        ),
-        "tampered": f"{header}.{_b64(promoted)}.{signature}",
-        "alg none": f"{_b64({'alg': 'none', 'typ': 'JWT', 'kid': key.kid})}.{_b64(promoted)}.",
-        "another key": SigningKey.generate().mint(
-            subject="u-1", role="admin", issuer=ISSUER, audience=AUDIENCE
-        ),
-        "wrong audience": key.mint(subject="u-1", role="user", issuer=ISSUER, audience="other"),
-        "garbage": "not-a-token",
-    }
 
 
 async def test_missing_expired_tampered_and_alg_none_tokens_get_401_at_the_edge(

@@ -12,9 +12,9 @@ import user_svc.app
 from bus.auth import SigningKey, TokenVerifier
 from tests.integration.conftest import ServiceStarter
 from tests.integration.service_http import ServiceHttp
-from tests.integration.test_gateway_auth import refused_tokens
 from tests.integration.test_gateway_support import AUDIENCE, ISSUER
 from tests.integration.test_user_support import UserHttp
+from tests.support import refused_tokens
 
 pytestmark = pytest.mark.integration
 
