@@ -27,7 +27,6 @@ ALGORITHM = "EdDSA"
 REQUIRED_CLAIMS = ["exp", "iat", "sub", "iss", "aud"]
 # Real tokens are a few hundred bytes; the cap keeps junk from costing parse time or cache memory.
 MAX_TOKEN_LENGTH = 8192
-_FETCH_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,12 +205,14 @@ class TokenVerifier:
         leeway: float = 5.0,
         min_refresh_interval: float = 30.0,
         failure_backoff: float = 1.0,
+        fetch_timeout: float = 5.0,
         cache_size: int = 10_000,
     ) -> None:
         """Give exactly one of ``jwks_url`` or ``jwks``; ``from_jwks`` is the usual static path.
 
         An unknown key id refetches the JWKS at most once per ``min_refresh_interval``
         seconds; after a failed fetch, the next one may come ``failure_backoff`` seconds later.
+        A fetch taking longer than ``fetch_timeout`` seconds fails.
         """
         if (jwks_url is None) == (jwks is None):
             raise ValueError("pass exactly one of jwks_url or jwks")
@@ -224,6 +225,7 @@ class TokenVerifier:
         self._keys = _load_jwks(jwks) if jwks is not None else {}
         self._min_refresh_interval = min_refresh_interval
         self._failure_backoff = failure_backoff
+        self._fetch_timeout = aiohttp.ClientTimeout(total=fetch_timeout)
         self._fetched_at: float | None = None  # monotonic, last successful fetch
         self._failed_at: float | None = None  # monotonic, last failed fetch; None after a success
         self._fetch_lock = asyncio.Lock()
@@ -341,9 +343,9 @@ class TokenVerifier:
             raise AuthError("could not fetch JWKS: not a JSON object")
         return document
 
-    @staticmethod
-    async def _fetch(session: aiohttp.ClientSession, url: str) -> Any:
-        async with session.get(url, timeout=_FETCH_TIMEOUT, raise_for_status=True) as response:
+    async def _fetch(self, session: aiohttp.ClientSession, url: str) -> Any:
+        timeout = self._fetch_timeout
+        async with session.get(url, timeout=timeout, raise_for_status=True) as response:
             return await response.json(content_type=None)
 
 

@@ -234,10 +234,13 @@ def settings_queue(settings: Settings) -> str:
     return settings.queue or settings.service
 
 
-def token_verifier(settings: Settings) -> TokenVerifier:
+def token_verifier(settings: Settings, *, fetch_timeout: float = 5.0) -> TokenVerifier:
     """A verifier for tokens minted by the user service, keys from its JWKS endpoint."""
     return TokenVerifier(
-        jwks_url=settings.jwks_url, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+        jwks_url=settings.jwks_url,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        fetch_timeout=fetch_timeout,
     )
 
 

@@ -85,7 +85,9 @@ class Gateway:
             max_body=settings.max_body_bytes,
             gzip_min_bytes=settings.gzip_min_bytes,
         )
-        self.documents = OpenApiDocuments(self.balancer, version=settings.version)
+        self.documents = OpenApiDocuments(
+            self.balancer, version=settings.version, timeout=min(3.0, settings.timeout_seconds)
+        )
         self.dashboard = Dashboard(Activity(max_orders=settings.dashboard_orders), self._overview)
         self.limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
         self.login_limiter = RateLimiter(
@@ -231,5 +233,9 @@ async def _logged(loop: Coroutine[Any, Any, None]) -> None:
 
 def build(settings: Settings, **test_overrides: Any) -> Gateway:
     """The gateway, ready to start; tests may pass ``verifier=`` and ``broker=``."""
-    verifier = test_overrides.get("verifier") or token_verifier(settings)
+    # fetching the keys is part of a request's wait, so it keeps to the request timeout too
+    fetch_timeout = min(5.0, settings.timeout_seconds)
+    verifier = test_overrides.get("verifier") or token_verifier(
+        settings, fetch_timeout=fetch_timeout
+    )
     return Gateway(settings, verifier=verifier, broker=test_overrides.get("broker"))

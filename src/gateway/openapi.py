@@ -74,14 +74,19 @@ def merge(documents: Mapping[str, Mapping[str, Any]], *, version: str) -> dict[s
 class OpenApiDocuments:
     """Fetches each service's document from an available instance, cached for a while."""
 
-    def __init__(self, balancer: Balancer, *, version: str, max_age: float = 30.0) -> None:
-        """Keep each document ``max_age`` seconds; the last good one outlives its service."""
+    def __init__(
+        self, balancer: Balancer, *, version: str, max_age: float = 30.0, timeout: float = 3.0
+    ) -> None:
+        """Keep each document ``max_age`` seconds; the last good one outlives its service.
+
+        Fetching a document takes at most ``timeout`` seconds.
+        """
         self.balancer = balancer
         self.version = version
         self.max_age = max_age
         self.session: aiohttp.ClientSession | None = None
         self._documents: dict[str, tuple[float, dict[str, Any]]] = {}
-        self._timeout = aiohttp.ClientTimeout(total=3)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
 
     async def merged(self) -> dict[str, Any]:
         """The merged document of every service whose document is known."""

@@ -394,6 +394,26 @@ async def test_jwks_fetch_failure_is_an_auth_error(
     assert message.startswith("could not fetch JWKS")
 
 
+async def test_a_jwks_fetch_slower_than_its_timeout_fails_in_time(key: SigningKey) -> None:
+    release = asyncio.Event()
+
+    async def stalled(_: web.Request) -> web.Response:
+        await release.wait()
+        return web.json_response({"keys": [key.public_jwk()]})
+
+    app = web.Application()
+    app.router.add_get("/.well-known/jwks.json", stalled)
+    async with TestServer(app, host="127.0.0.1", port=0) as server:
+        url = str(server.make_url("/.well-known/jwks.json"))
+        verifier = TokenVerifier(jwks_url=url, issuer=ISS, audience=AUD, fetch_timeout=0.2)
+        started = time.monotonic()
+        message = await refused(verifier, mint(key))
+        waited = time.monotonic() - started
+        release.set()
+    assert message == "could not fetch JWKS: TimeoutError"
+    assert waited < 2
+
+
 async def test_a_failed_jwks_fetch_does_not_hold_off_the_next_once_the_service_is_back(
     key: SigningKey, jwks_server: JwksServer
 ) -> None:
