@@ -84,6 +84,7 @@ class Gateway:
             retries=settings.retries,
             max_body=settings.max_body_bytes,
             gzip_min_bytes=settings.gzip_min_bytes,
+            keyed=PublicRoutes(settings.keyed_routes),
         )
         self.documents = OpenApiDocuments(
             self.balancer, version=settings.version, timeout=min(3.0, settings.timeout_seconds)

@@ -28,6 +28,7 @@ from gateway.balancer import Balancer
 from gateway.headers import downstream_headers, upstream_headers
 from gateway.protection import REJECTED, compress_if_worthwhile
 from gateway.registry import Instance
+from gateway.routing import PublicRoutes
 
 log = structlog.get_logger(__name__)
 
@@ -62,9 +63,15 @@ class Proxy:
         retries: int,
         max_body: int,
         gzip_min_bytes: int = 1024,
+        keyed: PublicRoutes | None = None,
     ) -> None:
-        """``timeout`` bounds each request up to its answer's headers (and between chunks)."""
+        """``timeout`` bounds each request up to its answer's headers (and between chunks).
+
+        GET, HEAD and OPTIONS are retried on another instance after a connection failure,
+        and so is a request with an ``Idempotency-Key`` on a ``keyed`` route.
+        """
         self.balancer = balancer
+        self.keyed = keyed or PublicRoutes(())
         self.timeout = timeout
         self.retries = retries
         self.max_body = max_body
@@ -103,7 +110,9 @@ class Proxy:
         headers = upstream_headers(request)
         url = request.raw_path
         method = request.method
-        retryable = method in _IDEMPOTENT or "Idempotency-Key" in headers
+        retryable = method in _IDEMPOTENT or (
+            "Idempotency-Key" in headers and self.keyed.allows(method, request.path)
+        )
         try:
             # a request that may be sent again needs its body kept, not streamed once
             body = await self._body(request, whole=retryable)

@@ -45,6 +45,11 @@ DEFAULT_PUBLIC_ROUTES = (
 # and probes inside the network), unless an operator makes them public.
 OPERATOR_ROUTES = ("GET /status", "GET /metrics", "GET /dashboard/*")
 
+# Routes whose service honours Idempotency-Key (the same key never acts twice): a keyed
+# request there may be sent to another instance after a connection failure. Elsewhere a
+# key is only passed on, and a write is never sent twice.
+KEYED_ROUTES = ("POST /orders", "POST /payments/process")
+
 
 def service_for(path: str) -> str | None:
     """The service owning ``path`` (by its first segment), or None."""

@@ -9,7 +9,7 @@ from pydantic_settings import NoDecode
 
 import bus.settings
 from gateway.balancer import Strategy
-from gateway.routing import DEFAULT_PUBLIC_ROUTES, parse_rule
+from gateway.routing import DEFAULT_PUBLIC_ROUTES, KEYED_ROUTES, parse_rule
 
 
 def _csv(value: object) -> object:
@@ -47,6 +47,8 @@ class Settings(bus.settings.Settings):
     max_body_bytes: int = Field(default=1 << 20, ge=0)
     gzip_min_bytes: int = Field(default=1024, ge=0)
     public_routes: Annotated[tuple[str, ...], NoDecode] = DEFAULT_PUBLIC_ROUTES
+    # where a request with an Idempotency-Key may be retried like a GET
+    keyed_routes: Annotated[tuple[str, ...], NoDecode] = KEYED_ROUTES
     # a second port serving /status and /metrics (and the dashboard's data) with no token:
     # for Prometheus and operators inside the network, never exposed outside (0: none)
     internal_port: int = Field(default=0, ge=0, le=65535)
@@ -71,7 +73,7 @@ class Settings(bus.settings.Settings):
             pairs.append(entry)
         return tuple(pairs)
 
-    @field_validator("public_routes", mode="before")
+    @field_validator("public_routes", "keyed_routes", mode="before")
     @classmethod
     def _rules(cls, value: object) -> object:
         value = _csv(value)

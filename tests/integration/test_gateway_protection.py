@@ -60,7 +60,7 @@ class Upstream:
         app.router.add_get("/orders/stream", self.stream)
         app.router.add_get("/orders/busy", self.busy)
         app.router.add_get("/orders/broken", self.broken)
-        app.router.add_post("/orders/flaky", self.flaky)
+        app.router.add_route("*", "/orders/flaky", self.flaky)
         self.runner = web.AppRunner(app)
 
     async def start(self) -> str:
@@ -334,12 +334,15 @@ async def test_a_service_shedding_load_keeps_its_instance_a_broken_one_loses_it(
 async def test_a_keyed_post_is_retried_on_another_instance_after_a_reset_a_bare_one_is_not(
     gateways: Gateways,
 ) -> None:
+    """On a route whose service honours Idempotency-Key; elsewhere a key changes nothing."""
     cutoffs = Cutoffs()
     instances = [Upstream(cutoffs), Upstream(cutoffs)]
     try:
         urls = {await instance.start() for instance in instances}
         gateway = await gateways.start(
-            verifier=VERIFIER, upstreams=tuple(("order", url) for url in sorted(urls))
+            verifier=VERIFIER,
+            upstreams=tuple(("order", url) for url in sorted(urls)),
+            keyed_routes=("POST /orders/flaky",),
         )
         await eventually(lambda: sum(i.available for i in gateway.registry.rotation("order")) == 2)
         order = {"items": [{"product_id": "mouse", "quantity": 1}]}
@@ -356,6 +359,16 @@ async def test_a_keyed_post_is_retried_on_another_instance_after_a_reset_a_bare_
             cutoffs.log.clear()
             cutoffs.left = 1
             bare = await caller.call("POST", "/orders/flaky", token=TOKEN, json=order)
+            bare_attempts = list(cutoffs.log)
+            cutoffs.log.clear()
+            cutoffs.left = 1
+            elsewhere = await caller.call(
+                "PUT",
+                "/orders/flaky",
+                token=TOKEN,
+                json=order,
+                headers={"Idempotency-Key": "not-honoured-here"},
+            )
     finally:
         for instance in instances:
             await instance.runner.cleanup()
@@ -368,4 +381,6 @@ async def test_a_keyed_post_is_retried_on_another_instance_after_a_reset_a_bare_
     assert bare.status == 502, bare.body
     assert bare.headers["Content-Type"] == "application/problem+json"
     assert bare.body["detail"] == "the order service failed to answer"
-    assert [what for _, what in cutoffs.log] == ["cut"]  # never sent a second time
+    assert [what for _, what in bare_attempts] == ["cut"]  # never sent a second time
+    assert elsewhere.status == 502  # a key on a route that ignores keys: not sent again
+    assert [what for _, what in cutoffs.log] == ["cut"]
