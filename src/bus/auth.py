@@ -303,18 +303,24 @@ class TokenVerifier:
             # backoff after a failure) stops a stream of made-up kids from turning us into a
             # JWKS-endpoint hammer.
             async with self._fetch_lock:
-                if kid not in self._keys and self._may_refresh():
-                    await self._refresh(self._jwks_url)
+                if kid not in self._keys:
+                    if self._backing_off():
+                        # the keys are unknown, not the token bad: say so (a 503, not a 401)
+                        raise AuthError("could not fetch JWKS: waiting after a failed fetch")
+                    if self._may_refresh():
+                        await self._refresh(self._jwks_url)
             key = self._keys.get(kid)
         if key is None:
             raise AuthError("unknown key id")
         return key
 
+    def _backing_off(self) -> bool:
+        failed_at = self._failed_at
+        return failed_at is not None and time.monotonic() - failed_at < self._failure_backoff
+
     def _may_refresh(self) -> bool:
-        now = time.monotonic()
-        if self._failed_at is not None and now - self._failed_at < self._failure_backoff:
-            return False
-        return self._fetched_at is None or now - self._fetched_at >= self._min_refresh_interval
+        fetched_at = self._fetched_at
+        return fetched_at is None or time.monotonic() - fetched_at >= self._min_refresh_interval
 
     async def _refresh(self, url: str) -> None:
         self.stats.jwks_fetches += 1
@@ -339,8 +345,8 @@ class TokenVerifier:
                     document = await self._fetch(session, url)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise AuthError(f"could not fetch JWKS: {type(exc).__name__}") from exc
-        if not isinstance(document, dict):
-            raise AuthError("could not fetch JWKS: not a JSON object")
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            raise AuthError("could not fetch JWKS: not a JSON object with a list of keys")
         return document
 
     async def _fetch(self, session: aiohttp.ClientSession, url: str) -> Any:

@@ -435,8 +435,27 @@ async def test_after_a_failed_jwks_fetch_unknown_kids_wait_out_the_backoff(
     together = await asyncio.gather(*(refused(verifier, t) for t in tokens[:5]))
     one_by_one = [await refused(verifier, t) for t in tokens[5:]]
     assert jwks_server.hits == 1  # one fetch in flight, then none until the backoff is over
-    assert sum(m.startswith("could not fetch JWKS") for m in together) == 1
-    assert set(one_by_one) == {"unknown key id"}
+    # the keys could not be had: every one of them is told so (a 503 at the edge), none is
+    # called a bad token (a 401) while the user service is down
+    assert all(m.startswith("could not fetch JWKS") for m in together + one_by_one)
+
+
+@pytest.mark.parametrize("document", [{"keys": None}, {"keys": "k1"}, {}])
+async def test_a_jwks_without_a_list_of_keys_is_a_failed_fetch(
+    key: SigningKey, document: dict[str, Any]
+) -> None:
+    async def answer(_: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app = web.Application()
+    app.router.add_get("/.well-known/jwks.json", answer)
+    async with TestServer(app, host="127.0.0.1", port=0) as server:
+        url = str(server.make_url("/.well-known/jwks.json"))
+        verifier = TokenVerifier(jwks_url=url, issuer=ISS, audience=AUD)
+        first = await refused(verifier, mint(key))
+        second = await refused(verifier, mint(key))
+    assert first.startswith("could not fetch JWKS: not a JSON object")
+    assert second == "could not fetch JWKS: waiting after a failed fetch"  # backing off
 
 
 def test_verifier_needs_exactly_one_key_source(key: SigningKey) -> None:
