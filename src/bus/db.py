@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,12 @@ BUS_METADATA = MetaData()
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+# Brings a table an earlier version created up to date (create_all makes only missing
+# tables): given the connection creating the tables and the PostgreSQL schema (None on
+# SQLite), it must change nothing when there is nothing to change.
+Upgrade = Callable[[AsyncConnection, str | None], Awaitable[None]]
+
+
 class Database:
     """One service's database: an engine, a session factory, and its tables."""
 
@@ -33,11 +39,13 @@ class Database:
         schema: str | None = None,
         metadata: Iterable[MetaData] = (),
         pool_size: int = 10,
+        upgrades: Iterable[Upgrade] = (),
     ) -> None:
         parsed = make_url(url)
         self.url = url
         self.dialect = parsed.get_backend_name()
         self.metadata = (BUS_METADATA, *metadata)
+        self.upgrades = tuple(upgrades)
         self.schema = schema if self.dialect == "postgresql" else None
         if self.schema is not None and not _SCHEMA_NAME.match(self.schema):
             raise ValueError(f"invalid schema name {self.schema!r}")
@@ -102,7 +110,8 @@ class Database:
         return self.engine.connect()
 
     async def create_all(self) -> None:
-        """Create the schema (on PostgreSQL) and every table that does not exist yet."""
+        """Create the schema (on PostgreSQL) and every table that does not exist yet, then
+        run the ``upgrades`` that bring tables an earlier version made up to date."""
         async with self.engine.begin() as connection:
             if self.schema is not None:
                 # instances starting together would race on the catalogue: take turns
@@ -113,6 +122,8 @@ class Database:
                 await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             for metadata in self.metadata:
                 await connection.run_sync(metadata.create_all)
+            for upgrade in self.upgrades:
+                await upgrade(connection, self.schema)
 
     async def drop_schema(self) -> None:
         """Drop this service's schema and everything in it (tests use it to clean up)."""

@@ -46,6 +46,7 @@ def build(
         schema=settings.schema_name,
         metadata=[store.metadata],
         pool_size=settings.db_pool_size,
+        upgrades=[store.let_payments_have_no_user],
     )
     gateway = gateway or simulated_gateway(
         failure_rate=settings.payment_failure_rate,

@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -108,6 +109,24 @@ transactions = Table(
     Column("created_at", UtcDateTime, nullable=False),
 )
 Index("transactions_by_user", transactions.c.user_id, transactions.c.created_at)
+
+
+async def let_payments_have_no_user(connection: AsyncConnection, schema: str | None) -> None:
+    """Tables made before ``payment.charge`` could name no user require one: drop that.
+
+    PostgreSQL only; a SQLite file from then keeps requiring one until it is made anew.
+    """
+    if schema is None:
+        return
+    required = text(
+        "SELECT table_name FROM information_schema.columns WHERE table_schema = :schema"
+        " AND table_name IN ('payments', 'transactions') AND column_name = 'user_id'"
+        " AND is_nullable = 'NO'"
+    )
+    for table in (await connection.execute(required, {"schema": schema})).scalars():
+        await connection.execute(
+            text(f'ALTER TABLE "{schema}"."{table}" ALTER COLUMN user_id DROP NOT NULL')
+        )
 
 refunds = Table(
     "refunds",

@@ -6,6 +6,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
+from sqlalchemy import text
 
 import payment_svc.app
 from bus.amqp import AmqpBroker
@@ -111,6 +112,29 @@ async def test_charge_command_without_a_user_is_charged_and_only_staff_see_the_p
     assert (by_staff.status, by_staff.body["status"]) == (200, "completed")
     assert by_staff.body["user_id"] is None
     assert by_a_user.status == 404
+
+
+async def test_tables_from_before_a_charge_could_name_no_user_are_upgraded_at_start(
+    run_service: ServiceStarter, events: EventLog, amqp: AmqpBroker, tokens: Tokens
+) -> None:
+    first = await run_service(payment_svc.app, verifier=tokens.verifier)
+    schema = first.settings.schema_name
+    async with first.db.session() as session, session.begin():
+        for table in ("payments", "transactions"):  # as the earlier version made them
+            await session.execute(
+                text(f'ALTER TABLE "{schema}"."{table}" ALTER COLUMN user_id SET NOT NULL')
+            )
+    await first.stop()
+
+    await run_service(payment_svc.app, verifier=tokens.verifier)
+    order_id = new_order()
+    data = {"order_id": order_id, "amount": "9.99", "provider": "stripe", "method": "tok_visa"}
+    await amqp.publish(
+        Envelope(id=uuid.uuid4().hex, source="/tests", type="payment.charge", data=data)
+    )
+
+    (succeeded,) = await events.wait_for("payment.succeeded", order_id=order_id)
+    assert succeeded.data["amount"] == "9.99"
 
 
 async def test_charge_command_with_a_declined_card_answers_payment_failed(
