@@ -130,10 +130,22 @@ class Activity:
 class Dashboard:
     """``/dashboard``: the page, its state as JSON, and the state as server-sent events."""
 
-    def __init__(self, activity: Activity, state: Callable[[], dict[str, Any]]) -> None:
-        """``state()`` gives everything but the activity (services, instances, gateway)."""
+    def __init__(
+        self,
+        activity: Activity,
+        state: Callable[[], dict[str, Any]],
+        *,
+        stream_seconds: float = 300.0,
+    ) -> None:
+        """``state()`` gives everything but the activity (services, instances, gateway).
+
+        An event stream ends after ``stream_seconds``: the page connects again, and its
+        token is checked again, so a token that expired or a staff role taken away stops
+        the flow of everyone's orders within that time.
+        """
         self.activity = activity
         self._state = state
+        self.stream_seconds = stream_seconds
         self._page = Page.load("dashboard.html")
         self.closing = asyncio.Event()
 
@@ -156,11 +168,14 @@ class Dashboard:
         return web.Response(body=to_json(self.snapshot()), content_type="application/json")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
-        """The state as server-sent events: now, on every change, and every second."""
+        """The state as server-sent events: now, on every change, and every second, for
+        ``stream_seconds``."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        ends_at = loop.time() + self.stream_seconds
         try:
-            while not self.closing.is_set():
+            while not self.closing.is_set() and loop.time() < ends_at:
                 await response.write(b"event: state\ndata: " + to_json(self.snapshot()) + b"\n\n")
                 await self.activity.wait_for_change(1.0)
                 await asyncio.sleep(0.1)  # a burst of messages becomes one update

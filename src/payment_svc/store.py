@@ -128,6 +128,7 @@ async def let_payments_have_no_user(connection: AsyncConnection, schema: str | N
             text(f'ALTER TABLE "{schema}"."{table}" ALTER COLUMN user_id DROP NOT NULL')
         )
 
+
 refunds = Table(
     "refunds",
     metadata,

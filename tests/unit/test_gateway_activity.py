@@ -6,8 +6,10 @@ import asyncio
 from datetime import UTC, datetime
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 
-from gateway.dashboard import Activity
+from gateway.dashboard import Activity, Dashboard
 
 NOW = datetime(2026, 11, 26, 12, 0, tzinfo=UTC)
 
@@ -79,3 +81,16 @@ async def test_waiting_gives_up_after_its_seconds() -> None:
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(activity.wait_for_change(5), 0.05)
     await activity.wait_for_change(0.01)  # returns quietly
+
+
+async def test_an_event_stream_ends_so_the_page_shows_its_token_again() -> None:
+    dashboard = Dashboard(Activity(), dict, stream_seconds=0.3)
+    app = web.Application()
+    dashboard.add_to(app)
+    async with TestClient(TestServer(app)) as client:
+        started = asyncio.get_running_loop().time()
+        response = await client.get("/dashboard/events")
+        body = await asyncio.wait_for(response.read(), 5)  # the server ends it
+        lasted = asyncio.get_running_loop().time() - started
+    assert body.startswith(b"event: state\ndata: ")
+    assert 0.3 <= lasted < 3
