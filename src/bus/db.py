@@ -19,6 +19,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from bus.settings import Settings
+
 BUS_METADATA = MetaData()
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
@@ -39,6 +41,7 @@ class Database:
         schema: str | None = None,
         metadata: Iterable[MetaData] = (),
         pool_size: int = 10,
+        pool_timeout: float = 5.0,
         upgrades: Iterable[Upgrade] = (),
     ) -> None:
         parsed = make_url(url)
@@ -49,14 +52,32 @@ class Database:
         self.schema = schema if self.dialect == "postgresql" else None
         if self.schema is not None and not _SCHEMA_NAME.match(self.schema):
             raise ValueError(f"invalid schema name {self.schema!r}")
-        self.engine = self._create_engine(parsed.database or "", pool_size)
+        self.engine = self._create_engine(parsed.database or "", pool_size, pool_timeout)
         self._reads = (
             self.engine.execution_options(isolation_level="AUTOCOMMIT")
             if self.is_postgres
             else self.engine
         )
 
-    def _create_engine(self, database: str, pool_size: int) -> AsyncEngine:
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        metadata: Iterable[MetaData] = (),
+        upgrades: Iterable[Upgrade] = (),
+    ) -> Database:
+        """The service's database as its settings say: URL, schema and connection pool."""
+        return cls(
+            settings.db_url,
+            schema=settings.schema_name,
+            metadata=metadata,
+            pool_size=settings.db_pool_size,
+            pool_timeout=settings.db_pool_timeout_seconds,
+            upgrades=upgrades,
+        )
+
+    def _create_engine(self, database: str, pool_size: int, pool_timeout: float) -> AsyncEngine:
         if self.dialect == "sqlite":
             in_memory = database in ("", ":memory:")
             if not in_memory:
@@ -83,6 +104,9 @@ class Database:
             self.url,
             pool_size=pool_size,
             max_overflow=0,
+            # past this wait for a connection: sqlalchemy.exc.TimeoutError, a 503 over HTTP
+            # and a retry for a message, rather than a queue longer than any caller waits
+            pool_timeout=pool_timeout,
             pool_recycle=1800,
             # pg_stat_activity names the service each connection belongs to
             connect_args={"server_settings": {"application_name": self.schema or "microshop"}},

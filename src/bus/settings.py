@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     data_dir: Path = Path("var")
     # connections each process keeps to PostgreSQL; work beyond them waits its turn
     db_pool_size: int = Field(default=10, ge=1)
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0)  # waiting for one of them
 
     prefetch: int = Field(default=64, ge=1)
     # NoDecode: read "200,1000,5000" as text, not as JSON (a JSON list works too)

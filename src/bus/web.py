@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from pydantic_core import to_json
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from bus.api import PRINCIPAL, VERIFIER, Api, Page, json_response, page_params, principal
 from bus.auth import TokenVerifier
@@ -212,6 +213,16 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             503,
             "Service Unavailable",
             "the database connection was lost; try again",
+            instance=request.path,
+            headers={"Retry-After": "1"},
+        )
+    except PoolTimeout:
+        # every pooled connection stayed busy past the pool's timeout: shed, do not queue
+        log.warning("database pool exhausted", route=_route_template(request))
+        return problem_response(
+            503,
+            "Service Unavailable",
+            "the database is busy; try again",
             instance=request.path,
             headers={"Retry-After": "1"},
         )

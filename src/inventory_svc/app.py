@@ -47,12 +47,7 @@ class Settings(bus.settings.Settings):
 
 def build(settings: Settings, **test_overrides: Any) -> Service:
     """The inventory service; tests may override ``verifier`` and ``broker``."""
-    db = Database(
-        settings.db_url,
-        schema=settings.schema_name,
-        metadata=[store.metadata],
-        pool_size=settings.db_pool_size,
-    )
+    db = Database.from_settings(settings, metadata=[store.metadata])
     service: Service
 
     # Service builds its Transactions itself and hands tasks nothing, so the sweep finds

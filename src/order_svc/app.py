@@ -43,12 +43,7 @@ class Settings(BaseSettings):
 def build(settings: Settings, **overrides: Any) -> Service:
     """Assemble the order service; nothing connects until ``start()``."""
     policy = Policy(settings.saga_step_timeout, settings.saga_step_attempts)
-    db = Database(
-        settings.db_url,
-        schema=settings.schema_name,
-        metadata=[store.metadata],
-        pool_size=settings.db_pool_size,
-    )
+    db = Database.from_settings(settings, metadata=[store.metadata])
     service = Service(
         settings,
         db=db,

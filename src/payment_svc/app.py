@@ -41,12 +41,8 @@ def build(
     gateway: PaymentGateway | None = None,
 ) -> Service:
     """The payment service; tests may pass their own token verifier and provider gateway."""
-    db = Database(
-        settings.db_url,
-        schema=settings.schema_name,
-        metadata=[store.metadata],
-        pool_size=settings.db_pool_size,
-        upgrades=[store.let_payments_have_no_user],
+    db = Database.from_settings(
+        settings, metadata=[store.metadata], upgrades=[store.let_payments_have_no_user]
     )
     gateway = gateway or simulated_gateway(
         failure_rate=settings.payment_failure_rate,

@@ -102,12 +102,7 @@ def build(settings: Settings, **test_overrides: Any) -> Service:
     Tests may pass ``signing_key=`` (a :class:`SigningKey` to sign with), ``verifier=``
     (used as given instead of one built from the signing key) and ``broker=``.
     """
-    db = Database(
-        settings.db_url,
-        schema=settings.schema_name,
-        metadata=[store.metadata],
-        pool_size=settings.db_pool_size,
-    )
+    db = Database.from_settings(settings, metadata=[store.metadata])
     given_key: SigningKey | None = test_overrides.get("signing_key")
     if given_key is None and settings.jwt_private_key is not None:
         given_key = SigningKey.from_pem(settings.jwt_private_key.get_secret_value().encode())

@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from bus.auth import SigningKey, TokenVerifier
 from bus.settings import Settings
@@ -97,6 +98,10 @@ def build_api() -> Api:
     async def db_gone(request: web.Request) -> web.StreamResponse:
         gone = ConnectionResetError("connection was closed in the middle of operation")
         raise DBAPIError("SELECT 1", None, gone, connection_invalidated=True)
+
+    @api.get("/db-busy")
+    async def db_busy(request: web.Request) -> web.StreamResponse:
+        raise PoolTimeout("QueuePool limit of size 10 overflow 0 reached")
 
     @api.get("/orders/{order_id}")
     async def get_order(request: web.Request) -> web.StreamResponse:
@@ -225,6 +230,15 @@ async def test_a_lost_database_connection_is_a_503_to_try_again(client: Client) 
     response = await client.get("/db-gone")
     body = await problem(response, 503)
     assert body["detail"] == "the database connection was lost; try again"
+    assert response.headers["Retry-After"] == "1"
+
+
+async def test_a_database_pool_busy_past_its_timeout_is_a_503_to_try_again(
+    client: Client,
+) -> None:
+    response = await client.get("/db-busy")
+    body = await problem(response, 503)
+    assert body["detail"] == "the database is busy; try again"
     assert response.headers["Retry-After"] == "1"
 
 
