@@ -65,7 +65,8 @@ login_attempts = Table(
     "login_attempts",
     metadata,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
-    Column("email", String(320), nullable=False),
+    # up to 320 characters are typed; lower-casing may lengthen some ("İ" becomes two)
+    Column("email", String(1000), nullable=False),
     Column("attempted_at", DateTime(timezone=True), nullable=False),
     Index("login_attempts_by_email", "email", "attempted_at"),
     Index("login_attempts_by_age", "attempted_at"),

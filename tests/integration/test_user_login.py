@@ -66,6 +66,19 @@ async def test_wrong_password_and_unknown_email_get_the_same_401(
     assert wrong_password.body["detail"] == "invalid email or password"
 
 
+async def test_the_longest_email_still_gets_its_401_when_lower_case_makes_it_longer(
+    run_service: ServiceStarter,
+) -> None:
+    service = await run_service(user_svc.app)
+    email = "İ" * 300 + "@example.com"  # 312 typed; each İ is two characters in lower case
+    async with UserHttp(service.settings.public_url) as users:
+        answer = await users.call(
+            "POST", "/auth/login", json={"email": email, "password": "password-1"}
+        )
+    assert answer.status == 401
+    assert answer.body["detail"] == "invalid email or password"
+
+
 async def test_repeated_failures_for_an_email_are_throttled_with_429(
     run_service: ServiceStarter,
 ) -> None:
