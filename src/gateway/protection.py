@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -143,7 +142,7 @@ def guard(
 
 
 async def _principal(
-    request: web.Request, verifier: TokenVerifier, unauthenticated: Any
+    request: web.Request, verifier: TokenVerifier, unauthenticated: Counter
 ) -> Principal:
     """The caller named by the request's bearer token; 401, or 503 when keys are unreachable."""
     try:

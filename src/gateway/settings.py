@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 import bus.settings
@@ -55,6 +55,13 @@ class Settings(bus.settings.Settings):
     trust_forwarded_for: bool = False  # only behind a proxy that sets X-Forwarded-For
     dashboard_orders: int = Field(default=20, ge=1)
     gc_freeze: bool = True  # see Gateway.start
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        # on one port every request would arrive "inside" and pass the operator pages
+        if self.internal_port and self.internal_port == self.listen_port:
+            raise ValueError("MICROSHOP_INTERNAL_PORT must differ from the gateway's port")
+        return self
 
     @field_validator("upstreams", mode="before")
     @classmethod

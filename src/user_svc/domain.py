@@ -170,8 +170,8 @@ class LoginThrottle:
         counted = sorted(moment for moment in attempts if moment > self.window_start(now))
         if len(counted) < self.max_attempts:
             return None
-        # the limit may have been lowered since these were counted: wait for all but
-        # max_attempts - 1 of them to leave, not just the oldest
+        # wait until all but max_attempts - 1 have left the window (given more than
+        # max_attempts, as after the limit was lowered, not just the oldest)
         must_leave = counted[len(counted) - self.max_attempts]
         remaining = (must_leave - self.window_start(now)).total_seconds()
         return max(1, math.ceil(remaining))

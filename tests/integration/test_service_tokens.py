@@ -7,6 +7,7 @@ from types import ModuleType
 import pytest
 
 import inventory_svc.app
+import order_svc.app
 import payment_svc.app
 import user_svc.app
 from bus.auth import SigningKey, TokenVerifier
@@ -50,9 +51,10 @@ async def test_the_user_service_refuses_bad_tokens_with_401(run_service: Service
 
 
 @pytest.mark.parametrize(
-    ("module", "path"), [(inventory_svc.app, "/inventory"), (payment_svc.app, "/payments")]
+    ("module", "path"),
+    [(inventory_svc.app, "/inventory"), (payment_svc.app, "/payments"), (order_svc.app, "/orders")],
 )
-async def test_the_inventory_and_payment_services_refuse_bad_tokens_with_401(
+async def test_the_inventory_payment_and_order_services_refuse_bad_tokens_with_401(
     run_service: ServiceStarter, module: ModuleType, path: str
 ) -> None:
     key = SigningKey.generate()

@@ -86,12 +86,14 @@ def test_settings_read_upstreams_and_public_routes_as_comma_separated_text(
 ) -> None:
     monkeypatch.setenv("MICROSHOP_UPSTREAMS", "user=http://user:3010, order=http://order:3012")
     monkeypatch.setenv("MICROSHOP_PUBLIC_ROUTES", "GET /products*,POST /auth/login")
+    monkeypatch.setenv("MICROSHOP_KEYED_ROUTES", "POST /orders")
     monkeypatch.setenv("MICROSHOP_RATE_LIMIT_RPS", "5")
     settings = Settings()
     assert settings.service == "gateway"
     assert settings.listen_port == 3000
     assert settings.upstreams == (("user", "http://user:3010"), ("order", "http://order:3012"))
     assert settings.public_routes == ("GET /products*", "POST /auth/login")
+    assert settings.keyed_routes == ("POST /orders",)
     assert settings.rate_limit_rps == 5
     assert settings.max_body_bytes == 1 << 20
 
@@ -103,3 +105,9 @@ def test_settings_read_upstreams_and_public_routes_as_comma_separated_text(
 def test_bad_gateway_settings_say_what_is_wrong(name: str, value: str) -> None:
     with pytest.raises(ValidationError, match=name):
         Settings.model_validate({name: value})
+
+
+def test_the_internal_port_must_not_be_the_gateways_own() -> None:
+    with pytest.raises(ValueError, match="must differ"):
+        Settings(internal_port=3000)
+    assert Settings(port=3000, internal_port=3100).internal_port == 3100
