@@ -189,6 +189,15 @@ async def _measure(request: web.Request, handler: Handler) -> web.StreamResponse
         HTTP_SECONDS.labels(service, method, route).observe(time.perf_counter() - started)
 
 
+def _passing_database_trouble(exc: Exception) -> str | None:
+    """What went wrong when ``exc`` says the database will be back in a moment, else None."""
+    if isinstance(exc, PoolTimeout):  # every pooled connection stayed busy past the timeout
+        return "the database is busy"
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:  # the pool reconnects
+        return "the database connection was lost"
+    return None
+
+
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer whatever a handler raised as problem+json; never a traceback."""
@@ -204,29 +213,16 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem_response(
             exc.status, exc.reason, detail, instance=request.path, headers=exc.headers
         )
-    except DBAPIError as exc:
-        if not exc.connection_invalidated:
-            raise
-        # the database went away under a pooled connection; the pool reconnects
-        log.warning("database connection lost", route=_route_template(request))
-        return problem_response(
-            503,
-            "Service Unavailable",
-            "the database connection was lost; try again",
-            instance=request.path,
-            headers={"Retry-After": "1"},
-        )
-    except PoolTimeout:
-        # every pooled connection stayed busy past the pool's timeout: shed, do not queue
-        log.warning("database pool exhausted", route=_route_template(request))
-        return problem_response(
-            503,
-            "Service Unavailable",
-            "the database is busy; try again",
-            instance=request.path,
-            headers={"Retry-After": "1"},
-        )
     except Exception as exc:
+        if (passing := _passing_database_trouble(exc)) is not None:
+            log.warning(passing, route=_route_template(request))
+            return problem_response(
+                503,
+                "Service Unavailable",
+                f"{passing}; try again",
+                instance=request.path,
+                headers={"Retry-After": "1"},
+            )
         trace.get_current_span().record_exception(exc)
         log.exception("unhandled error", method=request.method, route=_route_template(request))
         # The exception text stays in the logs: it can hold SQL, paths or other callers' data.

@@ -99,6 +99,10 @@ def build_api() -> Api:
         gone = ConnectionResetError("connection was closed in the middle of operation")
         raise DBAPIError("SELECT 1", None, gone, connection_invalidated=True)
 
+    @api.get("/db-refused")
+    async def db_refused(request: web.Request) -> web.StreamResponse:
+        raise DBAPIError("INSERT INTO t", None, ValueError("secret=hunter2 violates a check"))
+
     @api.get("/db-busy")
     async def db_busy(request: web.Request) -> web.StreamResponse:
         raise PoolTimeout("QueuePool limit of size 10 overflow 0 reached")
@@ -231,6 +235,15 @@ async def test_a_lost_database_connection_is_a_503_to_try_again(client: Client) 
     body = await problem(response, 503)
     assert body["detail"] == "the database connection was lost; try again"
     assert response.headers["Retry-After"] == "1"
+
+
+async def test_any_other_database_error_is_a_500_problem_that_tells_nothing(
+    client: Client,
+) -> None:
+    response = await client.get("/db-refused")
+    body = await problem(response, 500)
+    assert body["detail"] == "internal error"
+    assert "hunter2" not in await response.text()
 
 
 async def test_a_database_pool_busy_past_its_timeout_is_a_503_to_try_again(
