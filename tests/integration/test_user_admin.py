@@ -91,10 +91,8 @@ async def test_users_read_and_update_themselves_but_not_others(
     events = await EventLog.watch(amqp, unique)
     service = await run_service(user_svc.app, settings=DEMO)
     async with UserHttp(service.settings.public_url) as users:
-        bob = await users.login("bob@example.com", DEMO_PASSWORD)
-        carol = await users.login("carol@example.com", DEMO_PASSWORD)
-        bob_id = (await users.call("GET", "/auth/me", token=bob)).body["id"]
-        carol_id = (await users.call("GET", "/auth/me", token=carol)).body["id"]
+        bob, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
+        carol, carol_id = await users.sign_in("carol@example.com", DEMO_PASSWORD)
 
         renamed = await users.call("PUT", f"/users/{bob_id}", token=bob, json={"name": "Robert"})
         promoted = await users.call("PUT", f"/users/{bob_id}", token=bob, json={"role": "admin"})
@@ -125,10 +123,8 @@ async def test_an_admin_changes_a_role_and_user_updated_names_only_the_role(
     events = await EventLog.watch(amqp, unique)
     service = await run_service(user_svc.app, settings=DEMO)
     async with UserHttp(service.settings.public_url) as users:
-        alice = await users.login("alice@example.com", DEMO_PASSWORD)
-        alice_id = (await users.call("GET", "/auth/me", token=alice)).body["id"]
-        bob = await users.login("bob@example.com", DEMO_PASSWORD)
-        bob_id = (await users.call("GET", "/auth/me", token=bob)).body["id"]
+        alice, alice_id = await users.sign_in("alice@example.com", DEMO_PASSWORD)
+        bob, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
 
         changed = await users.call(
             "PUT", f"/users/{bob_id}", token=alice, json={"name": "Bob", "role": "manager"}
@@ -159,11 +155,7 @@ async def test_a_demoted_admin_loses_admin_rights_before_their_token_expires(
     service = await run_service(user_svc.app, settings=DEMO)
     async with UserHttp(service.settings.public_url) as users:
         alice = await users.login("alice@example.com", DEMO_PASSWORD)
-        bob_id = (
-            await users.call(
-                "GET", "/auth/me", token=await users.login("bob@example.com", DEMO_PASSWORD)
-            )
-        ).body["id"]
+        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
         await users.call("PUT", f"/users/{bob_id}", token=alice, json={"role": "admin"})
         bob_as_admin = await users.login("bob@example.com", DEMO_PASSWORD)
         listed_as_admin = await users.call("GET", "/users", token=bob_as_admin)
@@ -180,10 +172,8 @@ async def test_an_admin_deletes_a_user_with_204_and_user_deleted(
     events = await EventLog.watch(amqp, unique)
     service = await run_service(user_svc.app, settings=DEMO)
     async with UserHttp(service.settings.public_url) as users:
-        alice = await users.login("alice@example.com", DEMO_PASSWORD)
-        alice_id = (await users.call("GET", "/auth/me", token=alice)).body["id"]
-        bob = await users.login("bob@example.com", DEMO_PASSWORD)
-        bob_id = (await users.call("GET", "/auth/me", token=bob)).body["id"]
+        alice, alice_id = await users.sign_in("alice@example.com", DEMO_PASSWORD)
+        bob, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
         carol = await users.login("carol@example.com", DEMO_PASSWORD)
 
         by_manager = await users.call("DELETE", f"/users/{bob_id}", token=carol)
@@ -212,8 +202,7 @@ async def test_a_deactivated_user_is_listed_as_inactive_and_no_longer_as_active(
     service = await run_service(user_svc.app, settings=DEMO)
     async with UserHttp(service.settings.public_url) as users:
         alice = await users.login("alice@example.com", DEMO_PASSWORD)
-        bob = await users.login("bob@example.com", DEMO_PASSWORD)
-        bob_id = (await users.call("GET", "/auth/me", token=bob)).body["id"]
+        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
 
         deactivated = await users.call("POST", f"/users/{bob_id}/deactivate", token=alice)
         inactive = await users.call("GET", "/users?status=inactive", token=alice)
@@ -233,8 +222,7 @@ async def test_a_manager_can_neither_activate_nor_deactivate_a_user(
     async with UserHttp(service.settings.public_url) as users:
         alice = await users.login("alice@example.com", DEMO_PASSWORD)
         carol = await users.login("carol@example.com", DEMO_PASSWORD)
-        bob = await users.login("bob@example.com", DEMO_PASSWORD)
-        bob_id = (await users.call("GET", "/auth/me", token=bob)).body["id"]
+        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
         await users.call("POST", f"/users/{bob_id}/deactivate", token=alice)
 
         refused = [
@@ -258,8 +246,7 @@ async def test_an_admin_changes_another_users_email_and_user_updated_says_so(
     new_email = f"robert.{unique}@example.com"
     async with UserHttp(service.settings.public_url) as users:
         alice = await users.login("alice@example.com", DEMO_PASSWORD)
-        bob = await users.login("bob@example.com", DEMO_PASSWORD)
-        bob_id = (await users.call("GET", "/auth/me", token=bob)).body["id"]
+        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
 
         changed = await users.call(
             "PUT", f"/users/{bob_id}", token=alice, json={"email": new_email.upper()}

@@ -38,6 +38,13 @@ class UserHttp(ServiceHttp):
         assert answer.status == 200, answer.body
         return str(answer.body["access_token"])
 
+    async def sign_in(self, email: str, password: str) -> tuple[str, str]:
+        """Log in; the bearer token and the account's id (from ``/auth/me``)."""
+        token = await self.login(email, password)
+        me = await self.call("GET", "/auth/me", token=token)
+        assert me.status == 200, me.body
+        return token, str(me.body["id"])
+
 
 class EventLog:
     """The user events seen on the real broker by a watch queue of the test's own."""
