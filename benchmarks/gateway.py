@@ -43,6 +43,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from microshop.local import free_port
+
 RESULTS = Path(__file__).parent / "results" / "gateway.json"
 PATH = "/orders/ping"
 ISSUER, AUDIENCE = "microshop-user", "microshop"
@@ -124,14 +126,6 @@ def serve_otlp_sink() -> None:
 
 
 # --- the run -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def wait_until_up(url: str, within: float = 30) -> None:

@@ -191,7 +191,7 @@ class AmqpBroker:
     async def _declare(
         self, channel: AbstractRobustChannel, queue: str, patterns: Sequence[str]
     ) -> AbstractQueue:
-        dlq = await channel.declare_queue(f"{queue}.dlq", durable=True, arguments=_QUORUM)
+        dlq = await channel.declare_queue(dead_letter_queue(queue), durable=True, arguments=_QUORUM)
         await dlq.bind(self.dlx_name, routing_key=queue)
         for delay in sorted(set(self.retry_delays_ms)):
             await channel.declare_queue(
@@ -254,7 +254,7 @@ class AmqpBroker:
         channel = await self.connection.channel()
         letters: list[DeadLetter] = []
         try:
-            dlq = await channel.get_queue(f"{queue}.dlq", ensure=True)
+            dlq = await channel.get_queue(dead_letter_queue(queue), ensure=True)
             while len(letters) < limit:
                 message = await dlq.get(no_ack=False, fail=False)
                 if message is None:
@@ -278,6 +278,11 @@ class AmqpBroker:
             message_type=message.type,
         )
         await self._publish("", message.body, properties, queue)  # "": the default exchange
+
+
+def dead_letter_queue(queue: str) -> str:
+    """Where ``queue``'s dead letters are kept."""
+    return f"{queue}.dlq"
 
 
 def retry_queue(queue: str, delay_ms: int) -> str:
@@ -332,13 +337,13 @@ class _AmqpConsumer:
             observer=self._transient,
         )
         try:
-            if self._transient:
-                pass  # an observer's failure was logged by process(); nothing to keep
-            elif outcome.action == "retry":
+            # an observer's failures come back as "ack": process() logged them, nothing to keep
+            if outcome.action == "retry":
                 target = retry_queue(queue, outcome.delay_ms)
                 await self._broker.send_to_queue(target, message, headers=outcome.headers)
             elif outcome.action == "dead_letter":
-                await self._broker.send_to_queue(f"{queue}.dlq", message, headers=outcome.headers)
+                target = dead_letter_queue(queue)
+                await self._broker.send_to_queue(target, message, headers=outcome.headers)
             self._acks.settled(message)
         except (BrokerUnavailable, Unroutable, aiormq.exceptions.AMQPError, RuntimeError) as error:
             # not acked: the broker redelivers it; the inbox makes the second run a no-op

@@ -206,8 +206,7 @@ class _MemoryConsumer:
             raise
         finally:
             self._slots.release()
-        if self._transient:
-            return  # an observer's failure was logged by process(); nothing to keep
+        # an observer's failures come back as "ack": process() logged them, nothing to keep
         headers = {**item.headers, **outcome.headers}
         moved = _Item(item.body, item.routing_key, item.message_id, headers)
         if outcome.action == "retry":

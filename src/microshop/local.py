@@ -20,7 +20,7 @@ from pathlib import Path
 import aio_pika
 import aiohttp
 
-from bus.amqp import retry_queue
+from bus.amqp import dead_letter_queue, retry_queue
 from bus.db import Database
 
 SERVICES = ("user", "inventory", "payment", "order")
@@ -155,7 +155,7 @@ class LocalSystem:
                 queue = f"{self.name}-{service}"
                 for name in (
                     queue,
-                    f"{queue}.dlq",
+                    dead_letter_queue(queue),
                     *(retry_queue(queue, d) for d in RETRY_DELAYS_MS),
                 ):
                     await channel.queue_delete(name)

@@ -16,6 +16,7 @@ import aiormq
 from bus.amqp import AmqpBroker
 from bus.broker import BrokerUnavailable
 from bus.observability import configure_logging
+from bus.service import broker_from_settings
 from bus.settings import Settings, redacted
 
 # the CloudEvents ``source`` of what an operator publishes
@@ -51,7 +52,9 @@ def amqp_broker(settings: Settings) -> AmqpBroker:
             "this needs RabbitMQ: set MICROSHOP_BROKER_URL=amqp://... "
             f"(it is {redacted(settings.broker_url)!r})"
         )
-    return AmqpBroker(settings.broker_url, name="microshop-cli", exchange=settings.exchange)
+    broker = broker_from_settings(settings.model_copy(update={"service": "cli"}))
+    assert isinstance(broker, AmqpBroker)  # the URL said amqp
+    return broker
 
 
 @contextlib.asynccontextmanager

@@ -23,16 +23,11 @@ from typing import Any
 import aiormq
 from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustChannel
 
-from bus.amqp import AmqpBroker
+from bus.amqp import AmqpBroker, dead_letter_queue
 from bus.broker import ATTEMPT_HEADER, ROUTING_KEY_HEADER, DeadLetter, Unroutable, dead_letter_from
 from microshop.ops import OpsError
 
 Choose = Callable[[DeadLetter], bool]
-
-
-def dead_letter_queue(queue: str) -> str:
-    """Where ``queue``'s dead letters are (see :mod:`bus.amqp`)."""
-    return f"{queue}.dlq"
 
 
 async def list_dead_letters(broker: AmqpBroker, queue: str) -> list[DeadLetter]:

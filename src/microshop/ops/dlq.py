@@ -7,14 +7,13 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from bus.amqp import AmqpBroker
+from bus.amqp import dead_letter_queue
 from bus.broker import DeadLetter
 from bus.settings import Settings
 from microshop.catalogue import SERVICES
 from microshop.ops import OpsError, connected
 from microshop.ops.dead_letters import (
     dead_letter_count,
-    dead_letter_queue,
     list_dead_letters,
     purge,
     replay,
@@ -53,13 +52,17 @@ async def list_letters(
     settings: Settings, queues: Sequence[str] | None, *, json_lines: bool
 ) -> int:
     """Print the dead letters of ``queues``; by default of every service that has a DLQ."""
+    named = queues is not None
+    found = 0
     async with connected(settings) as broker:
-        if queues is None:
-            queues = [queue for queue in SERVICES if await _has_dlq(broker, queue)]
-            if not queues:
-                print(f"no dead-letter queues ({', '.join(map(dead_letter_queue, SERVICES))})")
-        for queue in queues:
-            letters = await list_dead_letters(broker, queue)
+        for queue in queues if queues is not None else SERVICES:
+            try:
+                letters = await list_dead_letters(broker, queue)
+            except OpsError:
+                if named:
+                    raise
+                continue  # this service has no dead-letter queue (yet)
+            found += 1
             if json_lines:
                 for letter in letters:
                     print(json.dumps(as_json(letter)))
@@ -67,15 +70,9 @@ async def list_letters(
             print(f"{dead_letter_queue(queue)}: {counted(len(letters))}")
             for letter in letters:
                 print(describe(letter))
+    if not named and not found:
+        print(f"no dead-letter queues ({', '.join(map(dead_letter_queue, SERVICES))})")
     return 0
-
-
-async def _has_dlq(broker: AmqpBroker, queue: str) -> bool:
-    try:
-        await dead_letter_count(broker, queue)
-    except OpsError:
-        return False
-    return True
 
 
 async def replay_letters(settings: Settings, queue: str, *, message_id: str | None) -> int:
