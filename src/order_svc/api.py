@@ -129,7 +129,7 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
             if new_user is not None:  # learnt over HTTP: keep it for the next order
                 await replicas.remember_user(unit.session, new_user)
             for product in fetched:
-                await replicas.save_product(unit.session, product)
+                await replicas.remember_product(unit.session, product)
             if key:
                 await unit.session.execute(
                     insert(store.idempotency_keys).values(

@@ -12,7 +12,7 @@ import structlog
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.db import insert_for
+from bus.db import insert_for, insert_or_skip
 from bus.resilience import CircuitBreaker, retry_call
 from order_svc import store
 
@@ -42,35 +42,47 @@ def _upsert(session: AsyncConnection, table: Any, values: dict[str, Any]) -> Any
     return statement.on_conflict_do_update(index_elements=["id"], set_=changes)
 
 
-async def save_user(session: AsyncConnection, event: Any, event_type: str) -> None:
-    """Record what a ``user.*`` event says of a user."""
-    status = "deleted" if event_type == "user.deleted" else event.status
-    values = {
-        "id": event.user_id,
-        "email": event.email,
-        "role": event.role,
+# Events overwrite what the replicas hold; what was learnt over HTTP only fills a gap. An
+# answer read before an event committed is older than it, and must not undo it (a user
+# deactivated meanwhile, a price changed meanwhile).
+
+
+def _user_row(user_id: str, email: str | None, role: str | None, status: str) -> dict[str, Any]:
+    return {
+        "id": user_id,
+        "email": email,
+        "role": role,
         "status": status,
         "updated_at": store.now(),
     }
-    await session.execute(_upsert(session, store.users, values))
+
+
+def _product_row(product: KnownProduct) -> dict[str, Any]:
+    return {"id": product.id, "name": product.name, "price_cents": store.cents(product.price)}
+
+
+async def save_user(session: AsyncConnection, event: Any, event_type: str) -> None:
+    """Record what a ``user.*`` event says of a user."""
+    status = "deleted" if event_type == "user.deleted" else event.status
+    row = _user_row(event.user_id, event.email, event.role, status)
+    await session.execute(_upsert(session, store.users, row))
 
 
 async def remember_user(session: AsyncConnection, user: dict[str, Any]) -> None:
-    """Record a user as the user service described it over HTTP (``GET /users/{id}``)."""
-    values = {
-        "id": user["id"],
-        "email": user.get("email"),
-        "role": user.get("role"),
-        "status": user.get("status", "active"),
-        "updated_at": store.now(),
-    }
-    await session.execute(_upsert(session, store.users, values))
+    """Record a user as the user service described it over HTTP (``GET /users/{id}``),
+    unless an event about the user got here first."""
+    row = _user_row(user["id"], user.get("email"), user.get("role"), user.get("status", "active"))
+    await session.execute(insert_or_skip(session, store.users), row)
 
 
 async def save_product(session: AsyncConnection, product: KnownProduct) -> None:
-    """Record a product's name and price (from its events, or as inventory answered)."""
-    values = {"id": product.id, "name": product.name, "price_cents": store.cents(product.price)}
-    await session.execute(_upsert(session, store.products, values))
+    """Record a product's name and price from one of its events."""
+    await session.execute(_upsert(session, store.products, _product_row(product)))
+
+
+async def remember_product(session: AsyncConnection, product: KnownProduct) -> None:
+    """Record a product as inventory answered over HTTP, unless an event got here first."""
+    await session.execute(insert_or_skip(session, store.products), _product_row(product))
 
 
 async def known_user(session: AsyncConnection, user_id: str) -> KnownUser | None:
