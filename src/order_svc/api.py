@@ -258,8 +258,7 @@ async def _existing_view(request: web.Request, order_id: str) -> OrderView:
     return view
 
 
-def _accepted(view: OrderView | None) -> web.StreamResponse:
-    assert view is not None, "the order was just written"
+def _accepted(view: OrderView) -> web.StreamResponse:
     return json_response(view, status=202, headers={"Location": f"/orders/{view.id}"})
 
 

@@ -106,9 +106,7 @@ async def command_for(unit: UnitOfWork, order: Order, step: SagaStep) -> Message
 async def step_answered(unit: UnitOfWork, order: Order, step: SagaStep) -> None:
     """Stop watching ``step`` if it is the one the order waits on."""
     if order.saga_step == step:
-        await store.update_order(
-            unit.session, order.id, saga_step=None, step_deadline=None, step_attempts=0
-        )
+        await store.end_step(unit.session, order.id, step)
 
 
 async def change_status(

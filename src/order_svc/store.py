@@ -169,6 +169,14 @@ _INSERT_ITEMS = insert(order_items)
 _INSERT_HISTORY = insert(order_history)
 _UPDATE_ORDER = update(orders).where(orders.c.id == bindparam("order_key"))
 _END_STEP = _UPDATE_ORDER.where(orders.c.saga_step == bindparam("step"))
+_SET_LINE_PRICE = (
+    update(order_items)
+    .where(
+        (order_items.c.order_id == bindparam("order"))
+        & (order_items.c.product_id == bindparam("product"))
+    )
+    .values(unit_price_cents=bindparam("cents"))
+)
 
 
 async def lock_order(session: AsyncConnection, order_id: str) -> Order | None:
@@ -225,11 +233,8 @@ async def set_line_prices(
     """Replace provisional unit prices with the ones stock was reserved at (one statement)."""
     if not prices:
         return
-    line = (order_items.c.order_id == bindparam("order")) & (
-        order_items.c.product_id == bindparam("product")
-    )
     await session.execute(
-        update(order_items).where(line).values(unit_price_cents=bindparam("cents")),
+        _SET_LINE_PRICE,
         [
             {"order": order_id, "product": product_id, "cents": cents(unit_price)}
             for product_id, unit_price in prices.items()

@@ -53,7 +53,6 @@ class OrderView(BaseModel):
 async def order_views(
     session: AsyncConnection,
     *,
-    ids: list[str] | None = None,
     user_id: str | None = None,
     status: OrderStatus | None = None,
     limit: int = 50,
@@ -61,8 +60,6 @@ async def order_views(
 ) -> tuple[list[OrderView], int]:
     """A page of orders (newest first) and how many match in all."""
     query = select(store.orders)
-    if ids is not None:
-        query = query.where(store.orders.c.id.in_(ids))
     if user_id is not None:
         query = query.where(store.orders.c.user_id == user_id)
     if status is not None:
@@ -70,7 +67,21 @@ async def order_views(
     total = await store.count(session, query)
     page = query.order_by(store.orders.c.created_at.desc(), store.orders.c.id).limit(limit)
     rows = (await session.execute(page.offset(offset))).all()
+    return await _views_of(session, rows), total
+
+
+async def order_view(session: AsyncConnection, order_id: str) -> OrderView | None:
+    """One order, or None."""
+    rows = (await session.execute(select(store.orders).where(store.orders.c.id == order_id))).all()
+    views = await _views_of(session, rows)
+    return views[0] if views else None
+
+
+async def _views_of(session: AsyncConnection, rows: Sequence[Any]) -> list[OrderView]:
+    """These orders' rows with their lines and history."""
     order_ids = [row.id for row in rows]
+    if not order_ids:
+        return []
     lines: defaultdict[str, list[OrderLineView]] = defaultdict(list)
     items = select(store.order_items).where(store.order_items.c.order_id.in_(order_ids))
     for item in await session.execute(items.order_by(store.order_items.c.product_id)):
@@ -87,14 +98,7 @@ async def order_views(
         history[entry.order_id].append(
             HistoryEntry(status=entry.status, at=entry.at, reason=entry.reason)
         )
-    views = [_view(row._mapping, lines[row.id], history[row.id]) for row in rows]
-    return views, total
-
-
-async def order_view(session: AsyncConnection, order_id: str) -> OrderView | None:
-    """One order, or None."""
-    views, _ = await order_views(session, ids=[order_id], limit=1)
-    return views[0] if views else None
+    return [_view(row._mapping, lines[row.id], history[row.id]) for row in rows]
 
 
 def new_order_view(values: Mapping[str, Any], lines: Sequence[store.Line]) -> OrderView:
