@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import structlog
 from opentelemetry import context as otel_context
@@ -55,6 +55,9 @@ class BrokerUnavailable(Exception):
     """The broker could not be reached or did not confirm a publish in time."""
 
 
+M = TypeVar("M", bound=Message)
+
+
 class Reject(Exception):
     """Raise from a handler to dead-letter the message at once: retrying cannot help."""
 
@@ -67,6 +70,12 @@ class Delivery:
     message: Message
     queue: str
     attempt: int
+
+    def expect(self, model: type[M]) -> M:
+        """The message as ``model``; a message of another type is rejected (dead-lettered)."""
+        if not isinstance(self.message, model):
+            raise Reject(f"expected {model.type}, got {self.envelope.type}")
+        return self.message
 
 
 Handler = Callable[[Delivery], Awaitable[None]]

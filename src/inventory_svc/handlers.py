@@ -9,13 +9,12 @@ from __future__ import annotations
 import contextlib
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import TypeVar
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery, Reject
-from bus.envelope import Event, Message
+from bus.envelope import Event
 from bus.inbox import UnitHandler
 from bus.outbox import Transactions, UnitOfWork
 from inventory_svc import domain, store
@@ -35,14 +34,6 @@ from inventory_svc.messages import (
 
 log = structlog.get_logger(__name__)
 
-M = TypeVar("M", bound=Message)
-
-
-def _message(delivery: Delivery, model: type[M]) -> M:
-    if not isinstance(delivery.message, model):
-        raise Reject(f"expected {model.type}, got {delivery.envelope.type}")
-    return delivery.message
-
 
 async def _existing(session: AsyncConnection, order_id: str, *, lock: bool) -> store.Reservation:
     reservation = await store.get_reservation(session, order_id, lock=lock)
@@ -59,7 +50,7 @@ class _Shortage(Exception):
 
 async def reserve_stock(delivery: Delivery, unit: UnitOfWork) -> None:
     """Hold every line of the order or none; a repeated request gets its first answer again."""
-    command = _message(delivery, StockReserve)
+    command = delivery.expect(StockReserve)
     session, now, order_id = unit.session, store.utc_now(), command.order_id
     correlation_id = delivery.envelope.correlationid
     if not await store.claim_reservation(
@@ -153,7 +144,7 @@ async def commit_stock(delivery: Delivery, unit: UnitOfWork) -> None:
     (dead-lettered with the reason): the order was paid for units it does not hold, and
     an operator must see that rather than have it pass as a warning in a log.
     """
-    command = _message(delivery, StockCommit)
+    command = delivery.expect(StockCommit)
     session, now, order_id = unit.session, store.utc_now(), command.order_id
     reservation = await store.get_reservation(session, order_id, lock=True)
     if reservation is None:
@@ -173,7 +164,7 @@ async def commit_stock(delivery: Delivery, unit: UnitOfWork) -> None:
 
 async def release_stock(delivery: Delivery, unit: UnitOfWork) -> None:
     """Give the order's units back; a repeat, or an order that held nothing, is still answered."""
-    command = _message(delivery, StockRelease)
+    command = delivery.expect(StockRelease)
     session, now, order_id = unit.session, store.utc_now(), command.order_id
     if await store.claim_reservation(
         session,

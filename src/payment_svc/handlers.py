@@ -9,12 +9,10 @@ event already recorded, and never reach the provider again.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
 
 import structlog
 
-from bus.broker import Delivery, Reject
-from bus.envelope import Message
+from bus.broker import Delivery
 from bus.inbox import UnitHandler
 from bus.outbox import UnitOfWork
 from payment_svc import charging, refunding, store
@@ -30,19 +28,12 @@ from payment_svc.providers import PaymentGateway
 
 log = structlog.get_logger(__name__)
 
-M = TypeVar("M", bound=Message)
 PaymentHandler = Callable[[Delivery, UnitOfWork, PaymentGateway], Awaitable[None]]
-
-
-def _expect(delivery: Delivery, model: type[M]) -> M:
-    if not isinstance(delivery.message, model):
-        raise Reject(f"expected {model.type}, got {delivery.envelope.type}")
-    return delivery.message
 
 
 async def charge_payment(delivery: Delivery, unit: UnitOfWork, gateway: PaymentGateway) -> None:
     """Charge an order once; answer ``payment.succeeded`` or ``payment.failed``."""
-    command = _expect(delivery, PaymentCharge)
+    command = delivery.expect(PaymentCharge)
     existing = await store.payment_for_order(unit.session, command.order_id)
     if existing is None:
         request = charging.ChargeRequest(
@@ -84,7 +75,7 @@ def _failed(command: PaymentCharge, reason: str) -> PaymentFailed:
 
 async def refund_payment(delivery: Delivery, unit: UnitOfWork, gateway: PaymentGateway) -> None:
     """Refund an order's payment; answer ``payment.refunded`` or ``payment.refund_failed``."""
-    command = _expect(delivery, PaymentRefund)
+    command = delivery.expect(PaymentRefund)
     payment = await store.payment_for_order(unit.session, command.order_id, for_update=True)
     if payment is None or payment.status in (PaymentStatus.FAILED, PaymentStatus.PROCESSING):
         reason = f"order {command.order_id} has no successful payment"

@@ -9,6 +9,7 @@ from typing import ClassVar
 import pytest
 from pydantic import ValidationError
 
+from bus.broker import Delivery, Reject
 from bus.envelope import Command, Envelope, Event, InvalidMessage, MessageRegistry
 
 
@@ -132,3 +133,12 @@ def test_one_type_cannot_be_registered_with_two_models() -> None:
 
     with pytest.raises(ValueError, match="registered twice"):
         MessageRegistry([PriceSet, Impostor])
+
+
+def test_a_delivery_gives_its_message_as_the_expected_type_or_rejects_it() -> None:
+    message = ReserveIt(quantity=3)
+    envelope = Envelope.wrap(message, source="/tests")
+    delivery = Delivery(envelope, message, queue="inventory", attempt=1)
+    assert delivery.expect(ReserveIt).quantity == 3
+    with pytest.raises(Reject, match="expected price.set, got it.reserve"):
+        delivery.expect(PriceSet)
