@@ -140,5 +140,5 @@ def test_a_delivery_gives_its_message_as_the_expected_type_or_rejects_it() -> No
     envelope = Envelope.wrap(message, source="/tests")
     delivery = Delivery(envelope, message, queue="inventory", attempt=1)
     assert delivery.expect(ReserveIt).quantity == 3
-    with pytest.raises(Reject, match="expected price.set, got it.reserve"):
+    with pytest.raises(Reject, match=r"expected price\.set, got it\.reserve"):
         delivery.expect(PriceSet)
