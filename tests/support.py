@@ -10,10 +10,18 @@ import json
 import time
 from collections.abc import Awaitable, Callable
 
-from bus.auth import SigningKey
+from bus.auth import SigningKey, TokenVerifier
 from microshop.local import free_port
 
-__all__ = ["ROUTING_TABLE", "eventually", "free_port", "refused_tokens"]
+__all__ = [
+    "AUDIENCE",
+    "ISSUER",
+    "ROUTING_TABLE",
+    "Tokens",
+    "eventually",
+    "free_port",
+    "refused_tokens",
+]
 
 Condition = Callable[[], bool | Awaitable[bool]]
 
@@ -32,6 +40,22 @@ async def eventually(condition: Condition, *, within: float = 10.0, every: float
         await asyncio.sleep(every)
 
 
+# what the user service writes into every token it mints
+ISSUER, AUDIENCE = "microshop-user", "microshop"
+
+
+class Tokens:
+    """Mints tokens as the user service would, and the verifier that trusts them."""
+
+    def __init__(self, key: SigningKey | None = None) -> None:
+        self.key = key or SigningKey.generate()
+        self.verifier = TokenVerifier.from_jwks(self.key.jwks(), issuer=ISSUER, audience=AUDIENCE)
+
+    def mint(self, user_id: str, role: str = "user") -> str:
+        """A bearer token for ``user_id`` with ``role``."""
+        return self.key.mint(subject=user_id, role=role, issuer=ISSUER, audience=AUDIENCE)
+
+
 def _b64(data: dict[str, object]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
@@ -42,11 +66,9 @@ def _claims(token: str) -> dict[str, object]:
     return decoded
 
 
-def refused_tokens(
-    key: SigningKey, issuer: str = "microshop-user", audience: str = "microshop"
-) -> dict[str, str | None]:
+def refused_tokens(key: SigningKey) -> dict[str, str | None]:
     """Tokens a verifier trusting ``key`` must refuse, by why."""
-    good = key.mint(subject="u-1", role="user", issuer=issuer, audience=audience)
+    good = key.mint(subject="u-1", role="user", issuer=ISSUER, audience=AUDIENCE)
     header, _, signature = good.split(".")
     promoted = {**_claims(good), "role": "admin"}
     return {
@@ -54,17 +76,17 @@ def refused_tokens(
         "expired": key.mint(
             subject="u-1",
             role="user",
-            issuer=issuer,
-            audience=audience,
+            issuer=ISSUER,
+            audience=AUDIENCE,
             ttl=60,
             now=int(time.time()) - 3600,
         ),
         "tampered": f"{header}.{_b64(promoted)}.{signature}",
         "alg none": f"{_b64({'alg': 'none', 'typ': 'JWT', 'kid': key.kid})}.{_b64(promoted)}.",
         "another key": SigningKey.generate().mint(
-            subject="u-1", role="admin", issuer=issuer, audience=audience
+            subject="u-1", role="admin", issuer=ISSUER, audience=AUDIENCE
         ),
-        "wrong audience": key.mint(subject="u-1", role="user", issuer=issuer, audience="other"),
+        "wrong audience": key.mint(subject="u-1", role="user", issuer=ISSUER, audience="other"),
         "garbage": "not-a-token",
     }
 

@@ -10,8 +10,8 @@ import inventory_svc.app
 from bus.auth import SigningKey, TokenVerifier
 from tests.conftest import RabbitAdmin
 from tests.integration.conftest import ServiceStarter
-from tests.integration.test_gateway_support import AUDIENCE, ISSUER, Caller, Gateways
-from tests.support import eventually, refused_tokens
+from tests.integration.test_gateway_support import Caller, Gateways
+from tests.support import AUDIENCE, ISSUER, eventually, refused_tokens
 
 pytestmark = pytest.mark.integration
 

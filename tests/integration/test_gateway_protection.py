@@ -21,8 +21,8 @@ from aiohttp import web
 from bus.auth import SigningKey, TokenVerifier
 from gateway.app import Gateway
 from tests.conftest import RabbitAdmin
-from tests.integration.test_gateway_support import AUDIENCE, ISSUER, Caller, Gateways
-from tests.support import eventually, free_port
+from tests.integration.test_gateway_support import Caller, Gateways
+from tests.support import AUDIENCE, ISSUER, eventually, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -21,7 +21,6 @@ from tests.integration.conftest import ServiceStarter, delete_exchanges
 from tests.integration.service_http import Answer, ServiceHttp
 from tests.support import eventually, free_port
 
-ISSUER, AUDIENCE = "microshop-user", "microshop"
 ALICE, BOB, CAROL = "alice@example.com", "bob@example.com", "carol@example.com"
 VISA = {"provider": "stripe", "method": "tok_visa"}
 

@@ -21,9 +21,8 @@ from bus.envelope import Envelope, Message, MessageRegistry
 from bus.service import Service
 from inventory_svc.messages import COMMANDS, EVENTS
 from tests.integration.conftest import ServiceStarter
-from tests.support import eventually
+from tests.support import AUDIENCE, ISSUER, eventually
 
-ISSUER, AUDIENCE = "microshop-user", "microshop"
 EVERYTHING_INVENTORY_SAYS = MessageRegistry([*COMMANDS, *EVENTS])
 
 

@@ -15,8 +15,8 @@ from bus.inbox import DUPLICATES
 from bus.service import Service
 from payment_svc.messages import PaymentCharge, PaymentRefund
 from tests.integration.conftest import ServiceStarter
-from tests.integration.test_payment_support import EventLog, PaymentHttp, Tokens
-from tests.support import eventually
+from tests.integration.test_payment_support import EventLog, PaymentHttp
+from tests.support import Tokens, eventually
 
 pytestmark = pytest.mark.integration
 

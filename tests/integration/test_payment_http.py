@@ -13,7 +13,8 @@ import payment_svc.app
 from bus.amqp import AmqpBroker
 from payment_svc import store
 from tests.integration.conftest import ServiceStarter
-from tests.integration.test_payment_support import EventLog, PaymentHttp, Tokens
+from tests.integration.test_payment_support import EventLog, PaymentHttp
+from tests.support import Tokens
 
 pytestmark = pytest.mark.integration
 

@@ -8,28 +8,12 @@ from __future__ import annotations
 from typing import Any
 
 from bus.amqp import AmqpBroker
-from bus.auth import SigningKey, TokenVerifier
 from bus.broker import Delivery
 from bus.envelope import Envelope, MessageRegistry
 from bus.service import Service
 from payment_svc.messages import EVENTS
 from tests.integration.service_http import ServiceHttp
 from tests.support import eventually
-
-ISSUER = "microshop-user"
-AUDIENCE = "microshop"
-
-
-class Tokens:
-    """Mints tokens as the user service would, and the verifier that trusts them."""
-
-    def __init__(self) -> None:
-        self._key = SigningKey.generate()
-        self.verifier = TokenVerifier.from_jwks(self._key.jwks(), issuer=ISSUER, audience=AUDIENCE)
-
-    def mint(self, user_id: str, role: str = "user") -> str:
-        """A bearer token for ``user_id`` with ``role``."""
-        return self._key.mint(subject=user_id, role=role, issuer=ISSUER, audience=AUDIENCE)
 
 
 class PaymentHttp(ServiceHttp):

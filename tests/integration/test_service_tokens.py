@@ -10,16 +10,15 @@ import inventory_svc.app
 import order_svc.app
 import payment_svc.app
 import user_svc.app
-from bus.auth import SigningKey, TokenVerifier
+from bus.auth import SigningKey
 from tests.integration.conftest import ServiceStarter
 from tests.integration.service_http import ServiceHttp
-from tests.integration.test_gateway_support import AUDIENCE, ISSUER
 from tests.integration.test_user_support import UserHttp
-from tests.support import refused_tokens
+from tests.support import Tokens, refused_tokens
 
 pytestmark = pytest.mark.integration
 
-# the refused tokens this file sends (named as refused_tokens names them), and why each is
+# why some of the refused tokens are refused, as the services say it
 REASONS = {
     "alg none": "unsupported algorithm",
     "expired": "token expired",
@@ -28,16 +27,16 @@ REASONS = {
 
 
 async def assert_refused_with_401(base_url: str, path: str, key: SigningKey) -> None:
-    """Each token of REASONS gets a 401 problem saying why, straight from ``base_url``."""
-    tokens = refused_tokens(key)
+    """Every token of ``refused_tokens`` gets a 401 problem straight from ``base_url``."""
     async with ServiceHttp(base_url) as service:
-        for why, reason in REASONS.items():
-            answer = await service.call("GET", path, token=tokens[why])
+        for why, token in refused_tokens(key).items():
+            answer = await service.call("GET", path, token=token)
 
             assert answer.status == 401, (why, answer.body)
             assert answer.headers["Content-Type"] == "application/problem+json", why
             assert answer.headers["WWW-Authenticate"] == "Bearer", why
-            assert answer.body["detail"] == reason, why
+            if why in REASONS:
+                assert answer.body["detail"] == REASONS[why], why
 
 
 async def test_the_user_service_refuses_bad_tokens_with_401(run_service: ServiceStarter) -> None:
@@ -57,11 +56,9 @@ async def test_the_user_service_refuses_bad_tokens_with_401(run_service: Service
 async def test_the_inventory_payment_and_order_services_refuse_bad_tokens_with_401(
     run_service: ServiceStarter, module: ModuleType, path: str
 ) -> None:
-    key = SigningKey.generate()
-    verifier = TokenVerifier.from_jwks(key.jwks(), issuer=ISSUER, audience=AUDIENCE)
-    service = await run_service(module, verifier=verifier)
-    admin = key.mint(subject="u-2", role="admin", issuer=ISSUER, audience=AUDIENCE)
+    tokens = Tokens()
+    service = await run_service(module, verifier=tokens.verifier)
     async with ServiceHttp(service.settings.public_url) as caller:
-        assert (await caller.call("GET", path, token=admin)).status == 200
+        assert (await caller.call("GET", path, token=tokens.mint("u-2", "admin"))).status == 200
 
-    await assert_refused_with_401(service.settings.public_url, path, key)
+    await assert_refused_with_401(service.settings.public_url, path, tokens.key)

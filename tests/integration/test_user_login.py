@@ -15,11 +15,10 @@ from tests.integration.conftest import ServiceStarter
 from tests.integration.test_user_support import (
     ADMIN_PASSWORD,
     ADMIN_SETTINGS,
-    AUDIENCE,
-    ISSUER,
     EventLog,
     UserHttp,
 )
+from tests.support import AUDIENCE, ISSUER
 from user_svc import store
 
 pytestmark = pytest.mark.integration

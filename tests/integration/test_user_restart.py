@@ -11,7 +11,8 @@ import user_svc.app
 from bus.auth import SigningKey, TokenVerifier
 from bus.db import Database
 from tests.integration.conftest import ServiceStarter
-from tests.integration.test_user_support import AUDIENCE, ISSUER, UserHttp
+from tests.integration.test_user_support import UserHttp
+from tests.support import AUDIENCE, ISSUER
 from user_svc import store
 
 pytestmark = pytest.mark.integration

@@ -14,8 +14,6 @@ from tests.integration.service_http import ServiceHttp
 from tests.support import eventually
 from user_svc.messages import USER_EVENTS
 
-ISSUER = "microshop-user"
-AUDIENCE = "microshop"
 ADMIN_EMAIL = "Root@Example.COM"
 ADMIN_PASSWORD = "admin-password-1"
 ADMIN_SETTINGS = {"admin_email": ADMIN_EMAIL, "admin_password": ADMIN_PASSWORD}

@@ -8,10 +8,10 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from bus.auth import SigningKey, TokenVerifier
 from bus.web import REQUEST_ID
 from gateway.app import Gateway, Settings, build
 from gateway.headers import downstream_headers, upstream_headers
+from tests.support import Tokens
 
 
 def request_with(headers: dict[str, str]) -> object:
@@ -85,10 +85,7 @@ def test_answers_lose_hop_by_hop_headers_and_the_services_identity() -> None:
 @pytest.fixture
 def gateway() -> Gateway:
     """A gateway whose app the tests serve in-process: no bus, no instances, never started."""
-    verifier = TokenVerifier.from_jwks(
-        SigningKey.generate().jwks(), issuer="microshop-user", audience="microshop"
-    )
-    return build(Settings(discovery=False, gc_freeze=False), verifier=verifier)
+    return build(Settings(discovery=False, gc_freeze=False), verifier=Tokens().verifier)
 
 
 async def test_an_unexpected_error_in_the_gateway_is_a_500_problem_without_the_trace(

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import aiohttp
 
-from bus.auth import SigningKey, TokenVerifier
 from bus.broker import Delivery
 from bus.envelope import Envelope, Message, MessageRegistry
 from bus.memory import MemoryBroker
@@ -18,7 +17,7 @@ from inventory_svc.messages import (
     StockRelease,
     StockReserve,
 )
-from tests.support import eventually, free_port
+from tests.support import Tokens, eventually, free_port
 
 
 async def test_reserve_commit_and_expiry_work_on_sqlite_with_the_demo_catalogue(
@@ -32,9 +31,8 @@ async def test_reserve_commit_and_expiry_work_on_sqlite_with_the_demo_catalogue(
         reservation_ttl=0.5,  # kept is committed well within it
         heartbeat_seconds=60,
     )
-    key = SigningKey.generate()
-    verifier = TokenVerifier.from_jwks(key.jwks(), issuer="microshop-user", audience="microshop")
-    service = app.build(settings, verifier=verifier, broker=broker)
+    tokens = Tokens()
+    service = app.build(settings, verifier=tokens.verifier, broker=broker)
     heard: list[Envelope] = []
 
     async def record(delivery: Delivery) -> None:

@@ -9,14 +9,11 @@ from typing import Any
 
 import aiohttp
 
-from bus.auth import SigningKey, TokenVerifier
 from bus.broker import Delivery
 from bus.envelope import Envelope, MessageRegistry
 from payment_svc import app
 from payment_svc.messages import EVENTS, PaymentCharge
-from tests.support import eventually, free_port
-
-ISSUER, AUDIENCE = "microshop-user", "microshop"
+from tests.support import Tokens, eventually, free_port
 
 
 async def test_payments_over_http_and_charge_commands_work_on_sqlite(tmp_path: Path) -> None:
@@ -26,9 +23,8 @@ async def test_payments_over_http_and_charge_commands_work_on_sqlite(tmp_path: P
         database_url=f"sqlite+aiosqlite:///{tmp_path}/payment.db",
         heartbeat_seconds=60,
     )
-    key = SigningKey.generate()
-    verifier = TokenVerifier.from_jwks(key.jwks(), issuer=ISSUER, audience=AUDIENCE)
-    service = app.build(settings, verifier=verifier)
+    tokens = Tokens()
+    service = app.build(settings, verifier=tokens.verifier)
     broker = service.broker
     heard: list[Envelope] = []
 
@@ -57,8 +53,7 @@ async def test_payments_over_http_and_charge_commands_work_on_sqlite(tmp_path: P
         ):
             return response.status, await response.json(content_type=None)
 
-    user = key.mint(subject="u-1", role="user", issuer=ISSUER, audience=AUDIENCE)
-    admin = key.mint(subject="a-1", role="admin", issuer=ISSUER, audience=AUDIENCE)
+    user, admin = tokens.mint("u-1"), tokens.mint("a-1", "admin")
     await broker.connect()
     await broker.consume("watch", [e.type for e in EVENTS], record, MessageRegistry(EVENTS))
     await service.start()
