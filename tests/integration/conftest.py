@@ -10,7 +10,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from bus.amqp import AmqpBroker, retry_queue
+from bus.amqp import AmqpBroker, dead_letter_queue, retry_queue
 from bus.broker import EXCHANGE
 from bus.db import Database
 from bus.service import Service
@@ -50,7 +50,11 @@ async def delete_queues(url: str, queues: list[str]) -> None:
     connection = await aio_pika.connect(url)
     async with connection:
         for queue in queues:
-            names = [queue, f"{queue}.dlq", *(retry_queue(queue, d) for d in ANY_RETRY_DELAY)]
+            names = [
+                queue,
+                dead_letter_queue(queue),
+                *(retry_queue(queue, d) for d in ANY_RETRY_DELAY),
+            ]
             for name in names:
                 # another test may be closing every connection: cleaning up is best effort
                 with contextlib.suppress(Exception):

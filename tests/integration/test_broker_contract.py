@@ -14,7 +14,7 @@ import structlog
 from opentelemetry import trace
 
 from bus import observability
-from bus.amqp import AmqpBroker
+from bus.amqp import AmqpBroker, dead_letter_queue, retry_queue
 from bus.broker import Broker, Delivery, Reject, Unroutable
 from bus.envelope import Envelope, Event, MessageRegistry
 from bus.memory import MemoryBroker
@@ -79,7 +79,11 @@ async def rig(request: pytest.FixtureRequest, unique: str) -> AsyncIterator[Rig]
     yield rig
     await amqp.close()
     for queue in rig.queues:
-        for name in (queue, f"{queue}.dlq", *(f"{queue}.retry.{d}ms" for d in RETRY_DELAYS_MS)):
+        for name in (
+            queue,
+            dead_letter_queue(queue),
+            *(retry_queue(queue, d) for d in RETRY_DELAYS_MS),
+        ):
             with contextlib.suppress(Exception):
                 await channel.queue_delete(name)
     await other.close()

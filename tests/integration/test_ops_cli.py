@@ -13,15 +13,18 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
 import pytest
 
-from bus.amqp import AmqpBroker
+from bus.amqp import AmqpBroker, dead_letter_queue
 from bus.broker import (
     ATTEMPT_HEADER,
     CAUSE_HEADER,
+    FAILED_AT_HEADER,
+    QUEUE_HEADER,
     REASON_HEADER,
     ROUTING_KEY_HEADER,
     Delivery,
@@ -94,7 +97,9 @@ class Ops:
             REASON_HEADER: reason,
             CAUSE_HEADER: "rejected",
             ATTEMPT_HEADER: 1,
+            QUEUE_HEADER: queue,
             ROUTING_KEY_HEADER: envelope.type,
+            FAILED_AT_HEADER: datetime.now(UTC).isoformat(),
         }
         message = aio_pika.Message(
             envelope.to_json(),
@@ -104,7 +109,7 @@ class Ops:
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         )
-        await channel.default_exchange.publish(message, routing_key=f"{queue}.dlq")
+        await channel.default_exchange.publish(message, routing_key=dead_letter_queue(queue))
         await channel.close()
 
 
