@@ -10,13 +10,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypedDict, TypeVar, Unpack
 
+import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from pydantic_core import to_json
 
-from bus.auth import ROLES, AuthError, Principal, TokenVerifier, parse_bearer
+from bus.auth import ROLES, AuthError, KeysUnavailable, Principal, TokenVerifier, parse_bearer
 from bus.problems import Forbidden, HttpProblem, Unauthorized, Unprocessable, status_phrase
+
+log = structlog.get_logger("bus.api")
 
 _PATH_PARAM = re.compile(r"\{(\w+)(?::[^}]*)?\}")
 _REF = "#/components/schemas/{model}"
@@ -86,15 +89,28 @@ def principal(request: web.Request) -> Principal:
         raise Unauthorized("authentication required") from None
 
 
-async def _authenticate(request: web.Request, roles: tuple[str, ...]) -> None:
-    verifier = request.config_dict[VERIFIER]
+async def authenticate(request: web.Request, verifier: TokenVerifier) -> Principal:
+    """The caller the request's bearer token names, kept on the request: a 401 problem for
+    a bad token, a 503 one (try again) when the keys to check it are out of reach."""
     try:
         found = await verifier.verify(parse_bearer(request.headers.get("Authorization")))
+    except KeysUnavailable as exc:
+        log.warning("cannot check tokens", error=str(exc))
+        raise HttpProblem(
+            "cannot check tokens right now: the user service's keys are unavailable",
+            status=503,
+            headers={"Retry-After": "5"},
+        ) from None
     except AuthError as exc:
         raise Unauthorized(str(exc)) from None
+    request[PRINCIPAL] = found
+    return found
+
+
+async def _authenticate(request: web.Request, roles: tuple[str, ...]) -> None:
+    found = await authenticate(request, request.config_dict[VERIFIER])
     if roles and not found.has_role(*roles):
         raise Forbidden(f"requires one of the roles: {', '.join(roles)}")
-    request[PRINCIPAL] = found
 
 
 async def _parse_body(request: web.Request, model: type[BaseModel]) -> BaseModel:

@@ -51,6 +51,10 @@ class AuthError(Exception):
     """A token or header was refused; the message says why and never echoes the token."""
 
 
+class KeysUnavailable(AuthError):
+    """The keys to check a token with could not be had: the token may be good (try later)."""
+
+
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
@@ -306,7 +310,7 @@ class TokenVerifier:
                 if kid not in self._keys:
                     if self._backing_off():
                         # the keys are unknown, not the token bad: say so (a 503, not a 401)
-                        raise AuthError("could not fetch JWKS: waiting after a failed fetch")
+                        raise KeysUnavailable("could not fetch JWKS: waiting after a failed fetch")
                     if self._may_refresh():
                         await self._refresh(self._jwks_url)
             key = self._keys.get(kid)
@@ -344,9 +348,9 @@ class TokenVerifier:
                 async with aiohttp.ClientSession() as session:
                     document = await self._fetch(session, url)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise AuthError(f"could not fetch JWKS: {type(exc).__name__}") from exc
+            raise KeysUnavailable(f"could not fetch JWKS: {type(exc).__name__}") from exc
         if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
-            raise AuthError("could not fetch JWKS: not a JSON object with a list of keys")
+            raise KeysUnavailable("could not fetch JWKS: not a JSON object with a list of keys")
         return document
 
     async def _fetch(self, session: aiohttp.ClientSession, url: str) -> Any:

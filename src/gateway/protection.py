@@ -17,10 +17,11 @@ from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_response import ContentCoding
 from prometheus_client import Counter
 
-from bus.auth import AuthError, Principal, TokenVerifier, parse_bearer
+from bus.api import authenticate
+from bus.auth import TokenVerifier
 from bus.observability import child
 from bus.problems import Forbidden, HttpProblem, Unauthorized
-from bus.web import CORRELATION_ID, PRINCIPAL, REQUEST_ID
+from bus.web import CORRELATION_ID, REQUEST_ID
 from gateway.routing import PublicRoutes
 
 log = structlog.get_logger(__name__)
@@ -32,7 +33,6 @@ REJECTED = Counter(
 )
 
 LOGIN_PATH = "/auth/login"
-_JWKS_DOWN = "could not fetch JWKS"
 
 
 class RateLimiter:
@@ -130,7 +130,11 @@ def guard(
         if request.match_info.http_exception is None and not public.allows(request.method, path):
             for_operators = operator.allows(request.method, path)
             if not (for_operators and internal_port and arrived_on(request) == internal_port):
-                principal = await _principal(request, verifier, unauthenticated)
+                try:
+                    principal = await authenticate(request, verifier)
+                except Unauthorized:
+                    unauthenticated.inc()
+                    raise
                 if for_operators and not principal.is_staff:
                     raise Forbidden("the gateway's status, metrics and dashboard are for staff")
         response = await handler(request)
@@ -139,26 +143,6 @@ def guard(
         return response
 
     return guard_request
-
-
-async def _principal(
-    request: web.Request, verifier: TokenVerifier, unauthenticated: Counter
-) -> Principal:
-    """The caller named by the request's bearer token; 401, or 503 when keys are unreachable."""
-    try:
-        token = parse_bearer(request.headers.get("Authorization"))
-        principal = request[PRINCIPAL] = await verifier.verify(token)
-    except AuthError as error:
-        if str(error).startswith(_JWKS_DOWN):
-            log.warning("cannot check tokens", error=str(error))
-            raise HttpProblem(
-                "cannot check tokens right now: the user service's keys are unavailable",
-                status=503,
-                headers={"Retry-After": "5"},
-            ) from None
-        unauthenticated.inc()
-        raise Unauthorized(str(error)) from None
-    return principal
 
 
 def arrived_on(request: web.Request) -> int | None:

@@ -358,6 +358,21 @@ async def test_allowed_role_gets_200_with_the_principal(client: Client, key: Sig
     assert response.status == 204
 
 
+async def test_a_token_that_cannot_be_checked_for_want_of_keys_is_a_503_not_a_401(
+    key: SigningKey,
+) -> None:
+    # nothing listens on port 1: the keys cannot be fetched, the token may well be good
+    verifier = TokenVerifier(
+        jwks_url="http://127.0.0.1:1/.well-known/jwks.json", issuer=ISS, audience=AUD
+    )
+    app = create_app(Settings(service="user"), api=build_api(), verifier=verifier)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/users/u1", headers=bearer(key))
+        body = await problem(response, 503)
+    assert "keys are unavailable" in body["detail"]
+    assert response.headers["Retry-After"] == "5"
+
+
 async def test_principal_on_a_public_route_is_401(client: Client, key: SigningKey) -> None:
     # Public routes never verify the token, so a handler asking for the caller gets a 401.
     await problem(await client.get("/whoami", headers=bearer(key)), 401)
