@@ -75,7 +75,7 @@ class OpenApiDocuments:
     """Fetches each service's document from an available instance, cached for a while."""
 
     def __init__(
-        self, balancer: Balancer, *, version: str, max_age: float = 30.0, timeout: float = 3.0
+        self, balancer: Balancer, *, version: str, timeout: float, max_age: float = 30.0
     ) -> None:
         """Keep each document ``max_age`` seconds; the last good one outlives its service.
 

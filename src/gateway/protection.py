@@ -106,8 +106,8 @@ def guard(
     login_limiter: RateLimiter,
     public: PublicRoutes,
     verifier: TokenVerifier,
-    operator: PublicRoutes | None = None,
-    internal_port: int = 0,
+    operator: PublicRoutes,
+    internal_port: int,
     trust_forwarded_for: bool = False,
     gzip_min_bytes: int = 1024,
 ) -> Middleware:
@@ -117,7 +117,6 @@ def guard(
     admin's or a manager's, except on ``internal_port``, where they need none.
     """
     unauthenticated = child(REJECTED, "unauthenticated")
-    operator = operator or PublicRoutes(())
 
     @web.middleware
     async def guard_request(request: web.Request, handler: Handler) -> web.StreamResponse:

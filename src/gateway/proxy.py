@@ -62,8 +62,8 @@ class Proxy:
         connect_timeout: float,
         retries: int,
         max_body: int,
+        keyed: PublicRoutes,
         gzip_min_bytes: int = 1024,
-        keyed: PublicRoutes | None = None,
     ) -> None:
         """``timeout`` bounds each request up to its answer's headers (and between chunks).
 
@@ -71,7 +71,7 @@ class Proxy:
         and so is a request with an ``Idempotency-Key`` on a ``keyed`` route.
         """
         self.balancer = balancer
-        self.keyed = keyed or PublicRoutes(())
+        self.keyed = keyed
         self.timeout = timeout
         self.retries = retries
         self.max_body = max_body
