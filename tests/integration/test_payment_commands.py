@@ -50,6 +50,11 @@ def charge(order_id: str, *, amount: str = "1459.97", **fields: str) -> Envelope
     return Envelope.wrap(command, source="/tests")
 
 
+def raw_charge(data: dict[str, str]) -> Envelope:
+    """A ``payment.charge`` as any AMQP client might write it: only the data it gives."""
+    return Envelope(id=uuid.uuid4().hex, source="/tests", type="payment.charge", data=data)
+
+
 def new_order() -> str:
     return f"ord-{uuid.uuid4().hex}"
 
@@ -93,11 +98,7 @@ async def test_charge_command_without_a_user_is_charged_and_only_staff_see_the_p
     }
 
     for _ in range(2):  # the second is the publisher asking again: answered the same
-        await amqp.publish(
-            Envelope(
-                id=uuid.uuid4().hex, source="/tests/contract", type="payment.charge", data=data
-            )
-        )
+        await amqp.publish(raw_charge(data))
 
     answers = await events.wait_for("payment.succeeded", count=2, order_id=order_id)
     assert answers[1].data == answers[0].data
@@ -129,9 +130,7 @@ async def test_tables_from_before_a_charge_could_name_no_user_are_upgraded_at_st
     await run_service(payment_svc.app, verifier=tokens.verifier)
     order_id = new_order()
     data = {"order_id": order_id, "amount": "9.99", "provider": "stripe", "method": "tok_visa"}
-    await amqp.publish(
-        Envelope(id=uuid.uuid4().hex, source="/tests", type="payment.charge", data=data)
-    )
+    await amqp.publish(raw_charge(data))
 
     (succeeded,) = await events.wait_for("payment.succeeded", order_id=order_id)
     assert succeeded.data["amount"] == "9.99"

@@ -293,6 +293,8 @@ class JwksServer:
     hits: int = 0
     status: int = 200
     extra: list[dict[str, Any]] = field(default_factory=list)
+    document: dict[str, Any] | None = None  # answered as it is, in place of the keys
+    release: asyncio.Event | None = None  # when set: answer only once it is set
 
 
 @pytest.fixture
@@ -301,8 +303,12 @@ async def jwks_server(key: SigningKey) -> AsyncIterator[JwksServer]:
 
     async def handler(request: web.Request) -> web.Response:
         state.hits += 1
+        if state.release is not None:
+            await state.release.wait()
         if state.status != 200:
             return web.Response(status=state.status)
+        if state.document is not None:
+            return web.json_response(state.document)
         return web.json_response({"keys": [k.public_jwk() for k in state.keys] + state.extra})
 
     app = web.Application()
@@ -394,22 +400,15 @@ async def test_jwks_fetch_failure_is_an_auth_error(
     assert message.startswith("could not fetch JWKS")
 
 
-async def test_a_jwks_fetch_slower_than_its_timeout_fails_in_time(key: SigningKey) -> None:
-    release = asyncio.Event()
-
-    async def stalled(_: web.Request) -> web.Response:
-        await release.wait()
-        return web.json_response({"keys": [key.public_jwk()]})
-
-    app = web.Application()
-    app.router.add_get("/.well-known/jwks.json", stalled)
-    async with TestServer(app, host="127.0.0.1", port=0) as server:
-        url = str(server.make_url("/.well-known/jwks.json"))
-        verifier = TokenVerifier(jwks_url=url, issuer=ISS, audience=AUD, fetch_timeout=0.2)
-        started = time.monotonic()
-        message = await refused(verifier, mint(key))
-        waited = time.monotonic() - started
-        release.set()
+async def test_a_jwks_fetch_slower_than_its_timeout_fails_in_time(
+    key: SigningKey, jwks_server: JwksServer
+) -> None:
+    jwks_server.release = asyncio.Event()
+    verifier = url_verifier(jwks_server, fetch_timeout=0.2)
+    started = time.monotonic()
+    message = await refused(verifier, mint(key))
+    waited = time.monotonic() - started
+    jwks_server.release.set()
     assert message == "could not fetch JWKS: TimeoutError"
     assert waited < 2
 
@@ -442,18 +441,12 @@ async def test_after_a_failed_jwks_fetch_unknown_kids_wait_out_the_backoff(
 
 @pytest.mark.parametrize("document", [{"keys": None}, {"keys": "k1"}, {}])
 async def test_a_jwks_without_a_list_of_keys_is_a_failed_fetch(
-    key: SigningKey, document: dict[str, Any]
+    key: SigningKey, jwks_server: JwksServer, document: dict[str, Any]
 ) -> None:
-    async def answer(_: web.Request) -> web.Response:
-        return web.json_response(document)
-
-    app = web.Application()
-    app.router.add_get("/.well-known/jwks.json", answer)
-    async with TestServer(app, host="127.0.0.1", port=0) as server:
-        url = str(server.make_url("/.well-known/jwks.json"))
-        verifier = TokenVerifier(jwks_url=url, issuer=ISS, audience=AUD)
-        first = await refused(verifier, mint(key))
-        second = await refused(verifier, mint(key))
+    jwks_server.document = document
+    verifier = url_verifier(jwks_server)
+    first = await refused(verifier, mint(key))
+    second = await refused(verifier, mint(key))
     assert first.startswith("could not fetch JWKS: not a JSON object")
     assert second == "could not fetch JWKS: waiting after a failed fetch"  # backing off
 
