@@ -1,16 +1,21 @@
 """The transactional outbox and its relay.
 
 A handler's state changes and the messages they cause are written in one transaction
-(:class:`UnitOfWork`). The :class:`OutboxRelay` publishes pending rows with publisher
-confirms and marks a row published only once the broker confirmed it. A crash between
-the two publishes the row again; consumers drop the copy by message id (the inbox).
+(:class:`UnitOfWork`). The :class:`OutboxRelay` publishes them with publisher confirms
+and marks a row published only once the broker confirmed it. A crash between the two
+publishes the row again; consumers drop the copy by message id (the inbox).
+
+The relay has two ways to a row. Right after a commit it publishes what that transaction
+wrote from memory, and marks the rows in one statement: no claim, no re-read, no
+transaction. What that misses (the broker was down, the process died, another instance
+wrote it) the relay's poll finds once it is ``fresh_seconds`` old, claims, and publishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -25,6 +30,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     delete,
     func,
     insert,
@@ -65,7 +71,13 @@ _pending = outbox_table.c.published_at.is_(None) & outbox_table.c.failed_at.is_(
 Index("outbox_pending", outbox_table.c.id, postgresql_where=_pending, sqlite_where=_pending)
 
 
-_INSERT = insert(outbox_table)  # built once: building a statement costs more than sending it
+# built once: building a statement costs more than sending it
+_INSERT = insert(outbox_table)
+_MARK_PUBLISHED = (
+    update(outbox_table)
+    .where(outbox_table.c.message_id.in_(bindparam("message_ids", expanding=True)))
+    .values(published_at=bindparam("published_at"))
+)
 
 
 def _now() -> datetime:
@@ -105,29 +117,44 @@ class UnitOfWork:
         self._kinds.append(message.kind)
         return envelope
 
+    def written(self) -> Committed:
+        """The messages this unit writes to the outbox, each with its kind."""
+        return list(zip(self.outgoing, self._kinds, strict=True))
+
     async def _write_outbox(self) -> None:
-        if not self.outgoing:
-            return
-        now = _now()
-        await self.session.execute(
-            _INSERT,
-            [
-                {
-                    "message_id": e.id,
-                    "type": e.type,
-                    "kind": kind,
-                    "body": e.to_json(),
-                    "created_at": now,
-                }
-                for e, kind in zip(self.outgoing, self._kinds, strict=True)
-            ],
-        )
+        await write_outbox(self.session, self.written())
+
+
+async def write_outbox(session: AsyncConnection, messages: Committed) -> None:
+    """Write ``messages`` to the outbox in one statement, in the caller's transaction."""
+    if not messages:
+        return
+    now = _now()
+    await session.execute(
+        _INSERT,
+        [
+            {
+                "message_id": e.id,
+                "type": e.type,
+                "kind": kind,
+                "body": e.to_json(),
+                "created_at": now,
+            }
+            for e, kind in messages
+        ],
+    )
+
+
+# what a transaction wrote to the outbox, handed to the relay once it has committed
+Committed = Sequence[tuple[Envelope, str]]  # (envelope, kind)
 
 
 class Transactions:
-    """Opens units of work on one database and wakes the relay when they commit."""
+    """Opens units of work on one database and hands the relay what they wrote."""
 
-    def __init__(self, db: Database, source: str, on_commit: Callable[[], None] | None = None):
+    def __init__(
+        self, db: Database, source: str, on_commit: Callable[[Committed], None] | None = None
+    ):
         self.db = db
         self.source = source
         self.on_commit = on_commit
@@ -139,15 +166,24 @@ class Transactions:
             unit = UnitOfWork(session, self.source, causation)
             yield unit
             await unit._write_outbox()
-        if unit.outgoing and self.on_commit is not None:
-            self.on_commit()
+        self.committed(unit)
+
+    def committed(self, *units: UnitOfWork) -> None:
+        """``units`` committed: tell the relay what they wrote."""
+        if self.on_commit is not None:
+            written = [pair for unit in units for pair in unit.written()]
+            if written:
+                self.on_commit(written)
 
 
 class OutboxRelay:
-    """Publishes outbox rows in order of writing, with confirms, and marks them sent.
+    """Publishes outbox rows with confirms and marks them sent.
 
-    On PostgreSQL, rows are claimed with ``FOR UPDATE SKIP LOCKED`` so several instances
-    of one service can relay side by side without publishing a row twice at once.
+    What a transaction of this process wrote goes out as soon as it commits (see
+    :meth:`committed`). The poll, every ``poll_seconds``, publishes the rest in order of
+    writing: rows older than ``fresh_seconds`` that no relay marked, and rows whose retry
+    is due. On PostgreSQL the poll claims rows with ``FOR UPDATE SKIP LOCKED``, so several
+    instances of one service can relay side by side without publishing a row twice at once.
     """
 
     def __init__(
@@ -161,6 +197,7 @@ class OutboxRelay:
         max_attempts: int = 12,
         retention: timedelta = timedelta(days=1),
         linger: float = 0.0,
+        fresh_seconds: float = 2.0,
     ) -> None:
         self.db = db
         self.broker = broker
@@ -170,12 +207,15 @@ class OutboxRelay:
         self.max_attempts = max_attempts
         self.retention = retention
         self.linger = linger
+        self.fresh_seconds = fresh_seconds
+        self._fresh: list[tuple[Envelope, str]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
-    def wake(self) -> None:
-        """Tell the relay new rows were committed (it also polls, in case it missed this)."""
+    def committed(self, messages: Committed) -> None:
+        """A transaction committed these outbox rows: publish them now, from memory."""
+        self._fresh.extend(messages)
         self._wake.set()
 
     def start(self) -> None:
@@ -186,7 +226,8 @@ class OutboxRelay:
     async def stop(self, grace: float = 10.0) -> None:
         """Stop after the batch in hand; cancel it only if it takes longer than ``grace`` s.
 
-        Cancelling mid-batch would publish rows that the next relay publishes again.
+        Cancelling mid-batch would publish rows that the next relay publishes again. Rows
+        committed but not yet published stay in the outbox for :meth:`flush`.
         """
         task, self._task = self._task, None
         if task is None:
@@ -205,41 +246,94 @@ class OutboxRelay:
         sent = 0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                while (batch := await self.publish_pending()) > 0:
+                while (batch := await self.publish_pending(fresh_seconds=0)) > 0:
                     sent += batch
         return sent
 
     async def _run(self) -> None:
         failures = 0
         loop = asyncio.get_running_loop()
-        measured = 0.0
-        while not self._stopping:
+        polled: float | None = None  # the first poll takes rows of every age: an earlier
+        while not self._stopping:  # run of this service may have left some behind
             self._wake.clear()
             try:
-                published = await self.publish_pending()
-                failures = 0
-                if loop.time() - measured >= self.poll_seconds:
-                    measured = loop.time()
+                if self._fresh:
+                    await self._publish_fresh()
+                if polled is None or loop.time() - polled >= self.poll_seconds:
+                    fresh = 0.0 if polled is None else self.fresh_seconds
+                    polled = loop.time()
+                    while await self.publish_pending(fresh_seconds=fresh) >= self.batch_size:
+                        pass
                     OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
+                failures = 0
             except Exception:
                 failures += 1
                 log.exception("outbox relay failed; backing off", failures=failures)
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))
                 continue
-            if published >= self.batch_size:
+            if self._fresh:
                 continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-            if self.linger and not self._stopping:
-                # commits that land meanwhile go out in the same batch: one claim and one
-                # mark for several transactions, at the price of this much latency
+                await asyncio.wait_for(self._wake.wait(), polled + self.poll_seconds - loop.time())
+            if self.linger and self._fresh and not self._stopping:
+                # commits that land meanwhile go out in the same batch: one publish round
+                # and one statement marking them, at the price of this much latency
                 await asyncio.sleep(self.linger)
 
-    async def publish_pending(self) -> int:
-        """Publish one batch of due rows; return how many the broker confirmed."""
+    async def _publish_fresh(self) -> None:
+        """Publish rows just committed, straight from memory; mark them in one statement.
+
+        Rows the broker did not take are postponed like the poll's; the poll retries them.
+        """
+        batch, self._fresh = self._fresh[: self.batch_size], self._fresh[self.batch_size :]
+        results = await self.broker.publish_many([envelope for envelope, _ in batch])
+        done, failed = [], []
+        for (envelope, kind), error in zip(batch, results, strict=True):
+            if self._settled(envelope, kind, error):
+                done.append(envelope.id)
+            else:
+                failed.append((envelope.id, error))
+        now = _now()
+        async with self._autocommit() as session:
+            if done:
+                await session.execute(_MARK_PUBLISHED, {"published_at": now, "message_ids": done})
+            for message_id, error in failed:
+                where = outbox_table.c.message_id == message_id
+                await session.execute(self._postpone(where, message_id, 0, error, now))
+        child(OUTBOX_PUBLISHED, self.service).inc(sum(error is None for error in results))
+
+    def _settled(self, envelope: Envelope, kind: str, error: BaseException | None) -> bool:
+        """True when the row is done: confirmed, or an event nobody subscribes to."""
+        if error is None:
+            return True
+        if isinstance(error, Unroutable) and kind == "event":
+            # an event nobody subscribes to is done, not failed; a command is not
+            child(EVENTS_UNHEARD, self.service, envelope.type).inc()
+            return True
+        return False
+
+    @contextlib.asynccontextmanager
+    async def _autocommit(self) -> AsyncIterator[AsyncConnection]:
+        # one statement needs no transaction of its own on PostgreSQL: no BEGIN, no COMMIT
+        if self.db.is_postgres:
+            async with self.db.reading() as session:
+                yield session
+        else:
+            async with self.db.session() as session, session.begin():
+                yield session
+
+    async def publish_pending(self, fresh_seconds: float = 0.0) -> int:
+        """Publish one batch of due rows; return how many the broker confirmed.
+
+        A row is due when it is at least ``fresh_seconds`` old (younger ones are the fast
+        path's to publish) or when its retry is due.
+        """
         table = outbox_table
         now = _now()
-        due = _pending & (table.c.next_attempt_at.is_(None) | (table.c.next_attempt_at <= now))
+        waited = table.c.next_attempt_at.is_(None) & (
+            table.c.created_at <= now - timedelta(seconds=fresh_seconds)
+        )
+        due = _pending & (waited | (table.c.next_attempt_at <= now))
         query = select(table.c.id, table.c.kind, table.c.body, table.c.attempts).where(due)
         query = query.order_by(table.c.id).limit(self.batch_size)
         if self.db.is_postgres:
@@ -250,36 +344,36 @@ class OutboxRelay:
                 return 0
             envelopes = [Envelope.from_json(row.body) for row in rows]
             results = await self.broker.publish_many(envelopes)
-            sent, unheard, failed = [], [], []
+            done, failed = [], []
             for row, envelope, error in zip(rows, envelopes, results, strict=True):
-                if error is None:
-                    sent.append(row.id)
-                elif isinstance(error, Unroutable) and row.kind == "event":
-                    # an event nobody subscribes to is done, not failed; a command is not
-                    unheard.append(row.id)
-                    child(EVENTS_UNHEARD, self.service, envelope.type).inc()
+                if self._settled(envelope, row.kind, error):
+                    done.append(row.id)
                 else:
                     failed.append((row, error))
-            if sent or unheard:
+            if done:
                 await session.execute(
-                    update(table).where(table.c.id.in_(sent + unheard)).values(published_at=now)
+                    update(table).where(table.c.id.in_(done)).values(published_at=now)
                 )
             for row, error in failed:
-                await session.execute(self._postpone(row, error, now))
-        child(OUTBOX_PUBLISHED, self.service).inc(len(sent))
-        return len(sent)
+                where = table.c.id == row.id
+                await session.execute(self._postpone(where, row.id, row.attempts, error, now))
+        published = sum(error is None for error in results)
+        child(OUTBOX_PUBLISHED, self.service).inc(published)
+        return published
 
-    def _postpone(self, row: Any, error: BaseException, now: datetime) -> Any:
-        attempts = row.attempts + 1
+    def _postpone(
+        self, where: Any, row: object, attempts: int, error: BaseException | None, now: datetime
+    ) -> Any:
+        attempts += 1
         values: dict[str, Any] = {"attempts": attempts, "last_error": f"{error}"[:1000]}
         # a broker outage is waited out; a command whose owner never binds is given up on
         if isinstance(error, Unroutable) and attempts >= self.max_attempts:
             values["failed_at"] = now
-            log.error("outbox command unroutable; giving up", row=row.id, error=str(error))
+            log.error("outbox command unroutable; giving up", row=row, error=str(error))
         else:
             values["next_attempt_at"] = now + timedelta(seconds=min(0.5 * 2**attempts, 60.0))
-            log.warning("outbox publish failed; will retry", row=row.id, error=str(error))
-        return update(outbox_table).where(outbox_table.c.id == row.id).values(**values)
+            log.warning("outbox publish failed; will retry", row=row, error=str(error))
+        return update(outbox_table).where(where).values(**values)
 
     async def backlog(self) -> int:
         """How many rows wait to be published."""

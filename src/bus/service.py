@@ -25,7 +25,7 @@ from bus.auth import TokenVerifier
 from bus.broker import Broker, BrokerUnavailable, Consumer, Delivery, Reject, Unroutable
 from bus.db import Database
 from bus.envelope import Envelope, Message, MessageRegistry
-from bus.inbox import UnitHandler, idempotent, prune
+from bus.inbox import UnitHandler, grouped, prune
 from bus.memory import MemoryBroker
 from bus.messages import ServiceHeartbeat, ServiceStopped
 from bus.observability import configure_logging, configure_tracing
@@ -100,7 +100,7 @@ class Service:
             max_attempts=settings.outbox_max_attempts,
             linger=settings.outbox_linger_ms / 1000,
         )
-        self.transactions = Transactions(db, f"/microshop/{self.name}", self.relay.wake)
+        self.transactions = Transactions(db, f"/microshop/{self.name}", self.relay.committed)
         self.app[TRANSACTIONS] = self.transactions
         self.background = list(tasks)
         self.started_at = datetime.now(UTC)
@@ -121,7 +121,12 @@ class Service:
         await self.db.create_all()
         self.relay.start()
         if self.handlers:
-            dispatch = idempotent(self.transactions, self.name, self._dispatch)
+            dispatch = grouped(
+                self.transactions,
+                self.name,
+                self._dispatch,
+                max_size=self.settings.messages_per_transaction,
+            )
             # a connection closed under us while declaring (a broker restart, an operator's
             # close_all_connections) is worth a few more tries before giving up the start
             self._consumer = await retry_call(

@@ -13,7 +13,7 @@ from bus.amqp import AmqpBroker
 from bus.broker import BrokerUnavailable, Delivery
 from bus.db import Database
 from bus.envelope import Envelope, Event, MessageRegistry
-from bus.inbox import DUPLICATES, idempotent
+from bus.inbox import DUPLICATES, grouped, idempotent
 from bus.outbox import OutboxRelay, Transactions, UnitOfWork
 from tests.conftest import RabbitAdmin
 from tests.integration.tables import effects
@@ -179,3 +179,35 @@ async def test_a_slow_handler_holds_back_no_other_ack(amqp: AmqpBroker, unique: 
     await eventually(returned, within=10)
     await asyncio.sleep(0.5)  # anything else returned would have come back by now
     assert await back_in_queue() == 1, "only the unfinished message is back"
+
+
+async def test_grouped_handlers_that_deadlock_on_postgres_each_commit_once(
+    postgres: Database,
+) -> None:
+    # two groups side by side lock the same two rows in opposite orders: PostgreSQL breaks
+    # the deadlock by failing one group, whose message then runs alone and commits
+    async with postgres.session() as session, session.begin():
+        await session.execute(insert(effects), [{"name": "A"}, {"name": "B"}])
+    calls: list[str] = []
+
+    async def lock_both(delivery: Delivery, unit: UnitOfWork) -> None:
+        order = delivery.message.name  # type: ignore[attr-defined]
+        calls.append(order)
+        for n, name in enumerate(order):
+            lock = select(effects.c.name).where(effects.c.name == name).with_for_update()
+            await unit.session.execute(lock)
+            if n == 0:
+                await asyncio.sleep(0.3)  # the other group takes its first row meanwhile
+        await unit.session.execute(insert(effects).values(name=f"done {order}"))
+
+    handle = grouped(Transactions(postgres, "/tests"), "deadlock", lock_both, lanes=2)
+    messages = [ThingMade(name=order) for order in ("AB", "BA")]
+    deliveries = [Delivery(Envelope.wrap(m, source="/tests"), m, "q", 1) for m in messages]
+
+    await asyncio.wait_for(asyncio.gather(*(handle(d) for d in deliveries)), 20)
+
+    async with postgres.session() as session:
+        names = sorted((await session.scalars(select(effects.c.name))).all())
+    assert names == ["A", "B", "done AB", "done BA"]
+    assert sorted(set(calls)) == ["AB", "BA"]
+    assert len(calls) == 3  # the group PostgreSQL failed ran its message again, alone

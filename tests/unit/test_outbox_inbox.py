@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select
+from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, insert, select
 
 from bus.broker import Delivery
 from bus.db import Database
 from bus.envelope import Command, Envelope, Event, MessageRegistry
-from bus.inbox import idempotent
+from bus.inbox import DUPLICATES, GROUP_SIZES, grouped, idempotent, inbox_table
 from bus.memory import MemoryBroker
 from bus.observability import EVENTS_UNHEARD
-from bus.outbox import OutboxRelay, Transactions, UnitOfWork, outbox_table
+from bus.outbox import Committed, OutboxRelay, Transactions, UnitOfWork, outbox_table
 from tests.support import eventually
 
 
@@ -27,6 +27,11 @@ class ThingMade(Event):
 
 class MakeThing(Command):
     type: ClassVar[str] = "thing.make"
+    name: str
+
+
+class ThingNoted(Event):
+    type: ClassVar[str] = "thing.noted"
     name: str
 
 
@@ -51,6 +56,18 @@ async def broker() -> AsyncIterator[MemoryBroker]:
     await memory.connect()
     yield memory
     await memory.close()
+
+
+@pytest.fixture
+async def seen(broker: MemoryBroker) -> list[str]:
+    """The ids of the messages a consumer of ``thing.*`` is handed."""
+    ids: list[str] = []
+
+    async def record(delivery: Delivery) -> None:
+        ids.append(delivery.envelope.id)
+
+    await broker.consume("things", ["thing.*"], record, REGISTRY)
+    return ids
 
 
 async def count(db: Database, table: Table) -> int:
@@ -79,25 +96,97 @@ async def test_messages_are_written_only_when_the_transaction_commits(db: Databa
     assert [Envelope.from_json(body).data for body in bodies] == [{"name": "kept"}]
 
 
-async def test_commit_wakes_the_relay(db: Database) -> None:
-    woken: list[bool] = []
-    transactions = Transactions(db, "/tests", on_commit=lambda: woken.append(True))
+async def drained(relay: OutboxRelay) -> bool:
+    return await relay.backlog() == 0
+
+
+async def has(read: Callable[[], Awaitable[int]], value: int) -> bool:
+    return await read() == value
+
+
+async def test_commit_hands_the_relay_what_it_wrote(db: Database) -> None:
+    handed: list[list[tuple[str, str]]] = []
+    transactions = Transactions(
+        db, "/tests", on_commit=lambda rows: handed.append([(e.type, k) for e, k in rows])
+    )
     async with transactions.begin():
-        pass  # nothing published: no wake-up
+        pass  # nothing published: nothing to hand over
     async with transactions.begin() as unit:
         unit.publish(ThingMade(name="x"))
-    assert woken == [True]
+        unit.publish(MakeThing(name="y"))
+    assert handed == [[("thing.made", "event"), ("thing.make", "command")]]
+
+
+async def test_relay_publishes_what_commits_at_once_and_marks_it(
+    db: Database, broker: MemoryBroker, seen: list[str]
+) -> None:
+    # the poll is a minute away and would leave rows this young alone anyway
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=60, fresh_seconds=60)
+    transactions = Transactions(db, "/tests", on_commit=relay.committed)
+    relay.start()
+    try:
+        async with transactions.begin() as unit:
+            sent = [unit.publish(ThingMade(name=str(n))).id for n in range(3)]
+        await eventually(lambda: sorted(seen) == sorted(sent), within=5)
+        await eventually(lambda: drained(relay))
+    finally:
+        await relay.stop()
+
+
+async def test_the_poll_leaves_fresh_rows_to_the_fast_path_and_takes_the_rest(
+    db: Database, broker: MemoryBroker
+) -> None:
+    await broker.declare("things", ["thing.*"])
+    # written by a process that died before its relay published it
+    async with Transactions(db, "/tests").begin() as unit:
+        unit.publish(ThingMade(name="orphan"))
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=0.05, fresh_seconds=0.3)
+
+    assert await relay.publish_pending(fresh_seconds=60) == 0  # too young for the poll
+    relay.start()  # its first poll takes rows of every age
+    try:
+        await eventually(lambda: drained(relay))
+        async with Transactions(db, "/tests").begin() as unit:  # not handed to this relay
+            unit.publish(ThingMade(name="another instance's"))
+        assert await relay.backlog() == 1
+        await eventually(lambda: drained(relay))  # once it is 0.3 s old
+    finally:
+        await relay.stop()
+
+
+async def test_a_row_the_broker_refuses_on_the_fast_path_is_postponed_for_the_poll(
+    db: Database, broker: MemoryBroker
+) -> None:
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=60)
+    transactions = Transactions(db, "/tests", on_commit=relay.committed)
+    relay.start()
+    try:
+        async with transactions.begin() as unit:
+            unit.publish(MakeThing(name="no owner yet"))
+
+        async def attempts() -> int:
+            async with db.session() as session:
+                return int(await session.scalar(select(outbox_table.c.attempts)) or 0)
+
+        await eventually(lambda: has(attempts, 1))
+    finally:
+        await relay.stop()
+    async with db.session() as session:
+        row = (await session.execute(select(outbox_table))).one()
+    assert row.next_attempt_at is not None
+    assert row.published_at is None
+    assert "no queue is bound" in row.last_error
+
+    await broker.declare("things", ["thing.*"])  # its owner binds: the retry goes through
+    async with db.session() as session, session.begin():
+        await session.execute(outbox_table.update().values(next_attempt_at=None))
+    assert await relay.flush() == 1
+    assert await relay.backlog() == 0
 
 
 async def test_relay_publishes_pending_rows_once_and_marks_them(
-    db: Database, broker: MemoryBroker
+    db: Database, broker: MemoryBroker, seen: list[str]
 ) -> None:
-    seen: list[str] = []
-
-    async def record(delivery: Delivery) -> None:
-        seen.append(delivery.envelope.id)
-
-    await broker.consume("things", ["thing.*"], record, REGISTRY)
     transactions = Transactions(db, "/tests")
     async with transactions.begin() as unit:
         sent = [unit.publish(ThingMade(name=str(n))).id for n in range(5)]
@@ -122,7 +211,7 @@ async def test_with_a_linger_commits_close_together_share_one_batch(
 
     broker.publish_many = counted  # type: ignore[method-assign]
     relay = OutboxRelay(db, broker, service="tests", poll_seconds=5, linger=1.0)
-    transactions = Transactions(db, "/tests", on_commit=relay.wake)
+    transactions = Transactions(db, "/tests", on_commit=relay.committed)
     relay.start()
     await asyncio.sleep(0.2)  # its first pass finds nothing; now it waits to be woken
     try:
@@ -213,3 +302,133 @@ async def test_failed_handler_leaves_no_inbox_mark_so_the_retry_runs(db: Databas
 
     assert calls == [1, 2]
     assert await count(db, things) == 1
+
+
+# group commit: messages that arrive together share one transaction
+
+
+def delivery(name: str, attempt: int = 1, envelope: Envelope | None = None) -> Delivery:
+    message = ThingMade(name=name)
+    return Delivery(envelope or Envelope.wrap(message, source="/tests"), message, "q", attempt)
+
+
+def commits(db: Database) -> list[None]:
+    """Grows by one each time a transaction commits on ``db``."""
+    seen: list[None] = []
+    event.listen(db.engine.sync_engine, "commit", lambda _: seen.append(None))
+    return seen
+
+
+class Recorder:
+    """A handler that makes a thing and notes it; it fails for the names in ``fail``."""
+
+    def __init__(self, fail: set[str] | None = None) -> None:
+        self.calls: list[str] = []
+        self.fail = fail or set()
+
+    async def __call__(self, delivery: Delivery, unit: UnitOfWork) -> None:
+        name = delivery.message.name  # type: ignore[attr-defined]
+        self.calls.append(name)
+        await unit.session.execute(things.insert().values(name=name))
+        unit.publish(ThingNoted(name=name))
+        await asyncio.sleep(0)  # let the others arrive meanwhile
+        if name in self.fail:
+            raise ConnectionError(f"{name} failed")
+
+
+async def test_messages_that_arrive_together_commit_in_one_transaction(db: Database) -> None:
+    handed: list[Committed] = []
+    transactions = Transactions(db, "/tests", on_commit=handed.append)
+    record = Recorder()
+    handle = grouped(transactions, "things", record, lanes=1)
+    sizes = GROUP_SIZES.labels("things")
+    before = sizes._sum.get()
+    committed = commits(db)
+
+    await asyncio.gather(*(handle(delivery(str(n))) for n in range(5)))
+
+    assert sorted(record.calls) == ["0", "1", "2", "3", "4"]
+    assert len(committed) == 1
+    assert len(handed) == 1  # the relay is handed the group's messages at once
+    assert sorted(e.data["name"] for e, _ in handed[0]) == ["0", "1", "2", "3", "4"]
+    assert await count(db, things) == 5
+    assert await count(db, inbox_table) == 5
+    assert await count(db, outbox_table) == 5
+    assert sizes._sum.get() == before + 5
+
+
+async def test_each_message_of_a_group_causes_its_own_messages(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+    handle = grouped(transactions, "things", Recorder(), lanes=1)
+    sent = [delivery(str(n)) for n in range(3)]
+
+    await asyncio.gather(*(handle(d) for d in sent))
+
+    async with db.session() as session:
+        bodies = (await session.scalars(select(outbox_table.c.body))).all()
+    causes = {Envelope.from_json(body).data["name"]: Envelope.from_json(body) for body in bodies}
+    for d in sent:
+        noted = causes[d.message.name]  # type: ignore[attr-defined]
+        assert noted.causationid == d.envelope.id
+        assert noted.correlationid == d.envelope.correlationid
+
+
+async def test_a_failing_message_rolls_back_its_group_and_the_rest_commit_alone(
+    db: Database,
+) -> None:
+    transactions = Transactions(db, "/tests")
+    record = Recorder(fail={"bad"})
+    handle = grouped(transactions, "things", record, lanes=1)
+    names = ["a", "bad", "b", "c"]
+
+    results = await asyncio.gather(*(handle(delivery(n)) for n in names), return_exceptions=True)
+
+    # the one that failed fails as it would alone (so it is retried); the others commit
+    assert [None if r is None else type(r) for r in results] == [None, ConnectionError, None, None]
+    async with db.session() as session:
+        made = sorted((await session.scalars(select(things.c.name))).all())
+    assert made == ["a", "b", "c"]  # nothing of the failed one, nothing twice
+    assert await count(db, inbox_table) == 3
+    assert await count(db, outbox_table) == 3
+    assert record.calls.count("bad") == 2  # in the group, then alone
+
+
+async def test_a_message_twice_in_one_group_takes_effect_once(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+    record = Recorder()
+    handle = grouped(transactions, "things", record, lanes=1)
+    first = delivery("twice")
+    duplicates = DUPLICATES.labels("things")
+    before = duplicates._value.get()
+
+    await asyncio.gather(
+        handle(delivery("other")), handle(first), handle(delivery("twice", 2, first.envelope))
+    )
+
+    assert sorted(record.calls) == ["other", "twice"]
+    assert await count(db, things) == 2
+    assert duplicates._value.get() == before + 1
+
+
+async def test_a_group_takes_at_most_max_size_messages(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+    record = Recorder()
+    handle = grouped(transactions, "things", record, max_size=3, lanes=2)
+    committed = commits(db)
+
+    await asyncio.gather(*(handle(delivery(str(n))) for n in range(10)))
+
+    assert await count(db, things) == 10
+    assert 4 <= len(committed) < 10  # ten messages, three at most to a transaction
+
+
+async def test_a_group_of_one_is_a_plain_idempotent_handler(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+    record = Recorder()
+    handle = grouped(transactions, "things", record, max_size=1)
+    committed = commits(db)
+
+    await asyncio.gather(*(handle(delivery(str(n))) for n in range(3)))
+
+    assert len(committed) == 3
+    assert await count(db, things) == 3
