@@ -3,20 +3,23 @@ PostgreSQL, everything sharing this machine.
 
     RABBITMQ_URL=amqp://guest:guest@127.0.0.1:5672/ \
     DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/test \
-    python -m benchmarks.saga [--seconds 20] [--concurrency 32] [--rate R]
+    python -m benchmarks.saga [--seconds 20] [--concurrency 32] [--rate R] [--full-speed-only]
 
 Full speed: ``--concurrency`` customers each place an order as soon as their last one was
 accepted (or, when the order service is at its ceiling of orders in flight, as soon as its
 Retry-After says); confirmed orders per second over the run. Fixed rate: orders placed on a
 schedule (half the full-speed rate unless ``--rate``); order-to-confirmed latency, from
 the POST to the ``order.confirmed`` event on the broker, p50 and p99.
-Writes benchmarks/results/saga.json.
+At full speed it also reads each process's CPU time from ``/proc``: the CPU milliseconds
+one order costs each service, PostgreSQL, RabbitMQ and the load generator.
+Writes benchmarks/results/saga.json (with ``--full-speed-only`` it only prints).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -62,6 +65,56 @@ class Watcher:
         seen.setdefault(event["data"]["order_id"], time.perf_counter())
 
 
+class CpuMeter:
+    """CPU time of each part of the system, from ``/proc`` (Linux; elsewhere it reads 0).
+
+    Parts: each service process, PostgreSQL (every ``postgres`` process), RabbitMQ (the
+    Erlang VM) and this load generator. ``take()`` between two points of a run says how
+    many CPU milliseconds each spent, which divided by the orders confirmed meanwhile is
+    the cost of one order, part by part.
+    """
+
+    def __init__(self, services: dict[str, int]) -> None:
+        self.services = services
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _cpu(self, pid: int | str) -> int:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0
+        return int(fields[11]) + int(fields[12])  # utime + stime, in ticks
+
+    def _by_name(self, names: tuple[str, ...]) -> int:
+        total = 0
+        for entry in Path("/proc").iterdir() if Path("/proc").exists() else ():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError):
+                    if (entry / "comm").read_text().strip() in names:
+                        total += self._cpu(entry.name)
+        return total
+
+    def take(self) -> dict[str, int]:
+        """Ticks used so far by each part, and by the whole machine (``busy``)."""
+        parts = {name: self._cpu(pid) for name, pid in self.services.items()}
+        parts["postgres"] = self._by_name(("postgres",))
+        parts["rabbitmq"] = self._by_name(("beam.smp",))
+        parts["load generator"] = self._cpu(os.getpid())
+        with contextlib.suppress(OSError):
+            cpu = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+            parts["busy"] = sum(map(int, cpu)) - int(cpu[3]) - int(cpu[4])  # all but idle
+        return parts
+
+    def per_order(
+        self, before: dict[str, int], after: dict[str, int], orders: int
+    ) -> dict[str, float]:
+        """CPU ms per order of each part between two readings."""
+        ms = 1000 / self.tick / max(orders, 1)
+        costs = {part: round((after[part] - before.get(part, 0)) * ms, 2) for part in after}
+        costs["all parts"] = round(sum(v for k, v in costs.items() if k != "busy"), 2)
+        return costs
+
+
 class Busy(Exception):
     """The order service turned the order away for now (503 with Retry-After)."""
 
@@ -91,6 +144,7 @@ async def full_speed(
     watcher: Watcher,
     seconds: float,
     concurrency: int,
+    meter: CpuMeter | None = None,
 ) -> dict[str, Any]:
     placed: dict[str, float] = {}
     turned_away = 0
@@ -108,10 +162,13 @@ async def full_speed(
             placed[order_id] = started
 
     began = time.perf_counter()
+    before = meter.take() if meter else {}
     await asyncio.gather(*(customer() for _ in range(concurrency)))
     await settle(watcher, placed)
+    after = meter.take() if meter else {}
     done = [watcher.confirmed[o] for o in placed if o in watcher.confirmed]
     elapsed = max(done) - began
+    costs = meter.per_order(before, after, len(done)) if meter else {}
     return {
         "orders": len(placed),
         "confirmed": len(done),
@@ -119,6 +176,7 @@ async def full_speed(
         "confirmed_per_second": round(len(done) / elapsed, 1),
         "placed_per_second": round(len(placed) / seconds, 1),
         "turned_away": turned_away,
+        "cpu_ms_per_order": costs,
     }
 
 
@@ -211,14 +269,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print("warming up", flush=True)
             await full_speed(http, order_url, customer, watcher, 3, 8)
             print(f"full speed for {args.seconds} s, {args.concurrency} in flight", flush=True)
+            meter = CpuMeter({name: p.pid for name, p in system.processes.items()})
             fast = await full_speed(
-                http, order_url, customer, watcher, args.seconds, args.concurrency
+                http, order_url, customer, watcher, args.seconds, args.concurrency, meter
             )
             print(f"  {fast}", flush=True)
-            rate = args.rate or max(1.0, round(fast["confirmed_per_second"] / 2))
-            print(f"fixed rate {rate}/s for {args.seconds} s", flush=True)
-            steady = await fixed_rate(http, order_url, customer, watcher, args.seconds, rate)
-            print(f"  {steady}", flush=True)
+            steady: dict[str, Any] = {}
+            if not args.full_speed_only:
+                rate = args.rate or max(1.0, round(fast["confirmed_per_second"] / 2))
+                print(f"fixed rate {rate}/s for {args.seconds} s", flush=True)
+                steady = await fixed_rate(http, order_url, customer, watcher, args.seconds, rate)
+                print(f"  {steady}", flush=True)
     finally:
         await connection.close()
         await system.stop()
@@ -237,9 +298,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--rate", type=float, default=0, help="fixed rate (default: half)")
-    result = run_loop(run(parser.parse_args()))  # on the services' loop (uvloop)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    parser.add_argument(
+        "--full-speed-only",
+        action="store_true",
+        help="skip the fixed rate; print the result without recording it (for comparing)",
+    )
+    args = parser.parse_args()
+    result = run_loop(run(args))  # on the services' loop (uvloop)
+    if not args.full_speed_only:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 
