@@ -120,14 +120,13 @@ async def charge(
         method=request.method,
     )
     status = PaymentStatus.COMPLETED if answer.approved else PaymentStatus.FAILED
-    await store.update_payment(
+    payment = await store.settle_payment(
         session,
         payment_id,
         status=status,
         failure_reason=answer.reason,
         processed_at=datetime.now(UTC),
     )
-    payment = await _payment(unit, payment_id)
     await store.add_transaction(
         session,
         payment,

@@ -200,6 +200,7 @@ async def forget_idempotency_keys(session: AsyncConnection, *, before: datetime)
 
 
 _UPDATE_PAYMENT = update(payments).where(payments.c.id == bindparam("payment_key"))
+_SETTLE_PAYMENT = _UPDATE_PAYMENT.returning(*payments.c)
 _INSERT_TRANSACTION = insert(transactions)
 
 
@@ -211,6 +212,12 @@ async def claim_payment(session: AsyncConnection, values: dict[str, Any]) -> boo
 async def update_payment(session: AsyncConnection, payment_id: str, **values: Any) -> None:
     """Change a payment's columns: the provider's verdict, or its refunded total and status."""
     await session.execute(_UPDATE_PAYMENT, {"payment_key": payment_id, **values})
+
+
+async def settle_payment(session: AsyncConnection, payment_id: str, **values: Any) -> Payment:
+    """Write the provider's verdict; the payment as it now stands (one round trip)."""
+    row = (await session.execute(_SETTLE_PAYMENT, {"payment_key": payment_id, **values})).one()
+    return _payment(row)
 
 
 async def add_transaction(
