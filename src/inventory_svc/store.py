@@ -231,13 +231,21 @@ _HOLD_UNITS = (
 )
 _UPDATE_RESERVATION = update(reservations).where(reservations.c.order_id == bindparam("order_key"))
 _INSERT_LINES = insert(reservation_lines)
-_RESERVATION = select(reservations).where(reservations.c.order_id == bindparam("order_key"))
-_RESERVATION_LOCKED = _RESERVATION.with_for_update()
-_LINES = (
-    select(reservation_lines)
-    .where(reservation_lines.c.order_id == bindparam("order_key"))
+# a reservation with its lines, one row per line (one row with empty line columns when it
+# has none): one round trip; FOR UPDATE locks the reservation, not its lines
+_WITH_LINES = (
+    select(
+        reservations,
+        reservation_lines.c.product_id,
+        reservation_lines.c.quantity,
+        reservation_lines.c.unit_price,
+        reservation_lines.c.available,
+    )
+    .select_from(reservations.outerjoin(reservation_lines))
     .order_by(reservation_lines.c.product_id)
 )
+_RESERVATION = _WITH_LINES.where(reservations.c.order_id == bindparam("order_key"))
+_RESERVATION_LOCKED = _RESERVATION.with_for_update(of=reservations)
 
 
 async def move_stock(
@@ -349,21 +357,19 @@ async def lock_if_due(
     ``SKIP LOCKED`` (PostgreSQL) lets two instances sweep side by side without waiting on,
     or releasing twice, the same reservation.
     """
-    query = (
-        select(reservations)
-        .where(reservations.c.order_id == order_id, _holding, reservations.c.created_at <= cutoff)
-        .with_for_update(skip_locked=True)
-    )
+    query = _WITH_LINES.where(
+        reservations.c.order_id == order_id, _holding, reservations.c.created_at <= cutoff
+    ).with_for_update(of=reservations, skip_locked=True)
     return await _load(session, query)
 
 
 async def _load(
     session: AsyncConnection, query: Any, parameters: dict[str, Any] | None = None
 ) -> Reservation | None:
-    row = (await session.execute(query, parameters)).first()
-    if row is None:
+    rows = (await session.execute(query, parameters)).all()
+    if not rows:
         return None
-    lines = await session.execute(_LINES, {"order_key": row.order_id})
+    row = rows[0]
     return Reservation(
         order_id=row.order_id,
         status=ReservationStatus(row.status),
@@ -373,6 +379,8 @@ async def _load(
         created_at=utc(row.created_at),
         updated_at=utc(row.updated_at),
         lines=tuple(
-            Line(line.product_id, line.quantity, line.unit_price, line.available) for line in lines
+            Line(line.product_id, line.quantity, line.unit_price, line.available)
+            for line in rows
+            if line.product_id is not None
         ),
     )
