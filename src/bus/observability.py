@@ -58,6 +58,12 @@ OUTBOX_BACKLOG = Gauge("microshop_outbox_backlog", "Outbox rows not yet publishe
 OUTBOX_PUBLISHED = Counter(
     "microshop_outbox_published_total", "Outbox rows published and confirmed", ["service"]
 )
+UNITS_PER_TRANSACTION = Histogram(
+    "microshop_units_per_transaction",
+    "Units of work (a message handled, an order placed) one transaction committed together",
+    ["source"],
+    buckets=(1, 2, 4, 8, 16, 32, 64),
+)
 HTTP_REQUESTS = Counter(
     "microshop_http_requests_total",
     "HTTP requests served",

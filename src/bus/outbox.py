@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import structlog
 from sqlalchemy import (
@@ -46,6 +47,7 @@ from bus.observability import (
     EVENTS_UNHEARD,
     OUTBOX_BACKLOG,
     OUTBOX_PUBLISHED,
+    UNITS_PER_TRANSACTION,
     child,
     current_traceparent,
 )
@@ -150,14 +152,29 @@ Committed = Sequence[tuple[Envelope, str]]  # (envelope, kind)
 
 
 class Transactions:
-    """Opens units of work on one database and hands the relay what they wrote."""
+    """Opens units of work on one database and hands the relay what they wrote.
+
+    :meth:`begin` gives a block a transaction of its own. :meth:`together` runs work that
+    can be run again (a message's handler, an insert-only request) in a transaction it
+    may share with work that arrives at the same moment: group commit, up to
+    ``group_size`` units a transaction (1: each alone) in up to ``lanes`` groups at once.
+    """
 
     def __init__(
-        self, db: Database, source: str, on_commit: Callable[[Committed], None] | None = None
+        self,
+        db: Database,
+        source: str,
+        on_commit: Callable[[Committed], None] | None = None,
+        *,
+        group_size: int = 32,
+        lanes: int = 2,
     ):
         self.db = db
         self.source = source
         self.on_commit = on_commit
+        self.group_size = group_size
+        self.lanes = lanes
+        self._forming: list[_Group] = []  # groups still taking turns, at most ``lanes``
 
     @contextlib.asynccontextmanager
     async def begin(self, causation: Envelope | None = None) -> AsyncIterator[UnitOfWork]:
@@ -174,6 +191,131 @@ class Transactions:
             written = [pair for unit in units for pair in unit.written()]
             if written:
                 self.on_commit(written)
+
+    async def together(self, work: Work[T], causation: Envelope | None = None) -> T:
+        """Run ``work`` in a unit of work that commits with those of others: group commit.
+
+        The first unit of a group opens the transaction; units that arrive while it works
+        join the group (up to ``group_size``) and take their turns on the same connection,
+        each in its own task (so each keeps its trace and log context) with a
+        :class:`UnitOfWork` of its own (its messages name its own cause). When no one
+        waits for a turn, the first writes every unit's outbox rows in one statement and
+        commits; only then does ``together`` return. Up to ``lanes`` groups work side by
+        side, so a unit that arrives while one group works starts another rather than
+        waiting behind it.
+
+        When any unit of a group fails, the group is rolled back and each unit's ``work``
+        runs again in a transaction of its own, as :meth:`begin` would run it: the one
+        that failed fails alone, the others commit. So ``work`` must be safe to run twice,
+        and it holds its row locks until the group commits: work that waits on something
+        slow (a remote call) should not be grouped. Two groups may deadlock on rows they
+        lock in opposite orders; PostgreSQL fails one of them, and its units run alone.
+        """
+        if self.group_size > 1:
+            open_groups = [group for group in self._forming if group.size < self.group_size]
+            if len(self._forming) < self.lanes or not open_groups:
+                group = _Group(asyncio.get_running_loop().create_future())
+                self._forming.append(group)
+                outcome = await self._lead(group, work, causation)
+            else:
+                group = min(open_groups, key=lambda g: g.waiting)
+                group.size += 1
+                outcome = await self._join(group, work, causation)
+            if outcome is not _FAILED:
+                return cast(T, outcome)
+        async with self.begin(causation) as unit:  # alone, with an outcome of its own
+            return await work(unit)
+
+    async def _take_turn(
+        self, group: _Group, work: Work[T], causation: Envelope | None
+    ) -> T | object:
+        if group.session is None or group.failed:
+            return _FAILED  # the group is over, or will be rolled back: this runs alone
+        unit = UnitOfWork(group.session, self.source, causation)
+        try:
+            result = await work(unit)
+        except Exception:
+            group.failed = True
+            return _FAILED
+        except BaseException:  # cancelled mid-statement: the transaction is spoilt
+            group.failed = True
+            raise
+        group.units.append(unit)
+        return result
+
+    async def _lead(self, group: _Group, work: Work[T], causation: Envelope | None) -> T | object:
+        outcome: T | object = _FAILED
+        await group.turn.acquire()  # a new group's: free
+        held = True
+        try:
+            async with self.db.session() as session, session.begin():
+                group.session = session
+                outcome = await self._take_turn(group, work, causation)
+                while group.waiting:  # the units that joined meanwhile take their turns
+                    group.turn.release()
+                    held = False
+                    await group.turn.acquire()
+                    held = True
+                self._close(group)  # what arrives from now on goes elsewhere
+                if group.failed:
+                    raise _RollBack
+                await write_outbox(session, [m for u in group.units for m in u.written()])
+            group.committed = True
+        except _RollBack:
+            log.info("group commit rolled back; each unit runs alone", size=group.size)
+        except Exception:
+            log.warning("group commit failed; each unit runs alone", exc_info=True)
+        finally:
+            group.session = None  # no one takes a turn on it any more
+            if held:
+                group.turn.release()
+            self._close(group)
+            group.done.set_result(group.committed)
+        if not group.committed:
+            return _FAILED
+        child(UNITS_PER_TRANSACTION, self.source).observe(group.size)
+        self.committed(*group.units)
+        return outcome
+
+    async def _join(self, group: _Group, work: Work[T], causation: Envelope | None) -> T | object:
+        group.waiting += 1
+        try:
+            await group.turn.acquire()
+        finally:
+            group.waiting -= 1
+        try:
+            outcome = await self._take_turn(group, work, causation)
+        finally:
+            group.turn.release()
+        # shielded: a cancelled member must not cancel the answer the others wait for
+        return outcome if await asyncio.shield(group.done) else _FAILED
+
+    def _close(self, group: _Group) -> None:
+        if group in self._forming:
+            self._forming.remove(group)
+
+
+T = TypeVar("T")
+Work = Callable[[UnitOfWork], Awaitable[T]]
+_FAILED = object()  # a unit's outcome when its group did not commit
+
+
+class _RollBack(Exception):
+    """A unit of the group failed: undo the group's work."""
+
+
+@dataclass(eq=False)
+class _Group:
+    """Units of work sharing one transaction; one holds ``turn`` and the connection at a time."""
+
+    done: asyncio.Future[bool]  # set once the group is over: whether it committed
+    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
+    session: AsyncConnection | None = None
+    units: list[UnitOfWork] = field(default_factory=list)
+    size: int = 1
+    waiting: int = 0  # members queued for their turn
+    failed: bool = False
+    committed: bool = False
 
 
 class OutboxRelay:

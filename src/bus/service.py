@@ -100,7 +100,12 @@ class Service:
             max_attempts=settings.outbox_max_attempts,
             linger=settings.outbox_linger_ms / 1000,
         )
-        self.transactions = Transactions(db, f"/microshop/{self.name}", self.relay.committed)
+        self.transactions = Transactions(
+            db,
+            f"/microshop/{self.name}",
+            self.relay.committed,
+            group_size=settings.group_commit_size,
+        )
         self.app[TRANSACTIONS] = self.transactions
         self.background = list(tasks)
         self.started_at = datetime.now(UTC)
@@ -121,12 +126,7 @@ class Service:
         await self.db.create_all()
         self.relay.start()
         if self.handlers:
-            dispatch = grouped(
-                self.transactions,
-                self.name,
-                self._dispatch,
-                max_size=self.settings.messages_per_transaction,
-            )
+            dispatch = grouped(self.transactions, self.name, self._dispatch)
             # a connection closed under us while declaring (a broker restart, an operator's
             # close_all_connections) is worth a few more tries before giving up the start
             self._consumer = await retry_call(

@@ -49,8 +49,9 @@ class Settings(BaseSettings):
     db_pool_timeout_seconds: float = Field(default=5.0, gt=0)  # waiting for one of them
 
     prefetch: int = Field(default=64, ge=1)
-    # messages that arrive together share one transaction, up to this many (1: each alone)
-    messages_per_transaction: int = Field(default=32, ge=1)
+    # units of work arriving together (messages handled, orders placed) that may share one
+    # transaction: group commit, up to this many (1: each has its own)
+    group_commit_size: int = Field(default=32, ge=1)
     # NoDecode: read "200,1000,5000" as text, not as JSON (a JSON list works too)
     retry_delays_ms: Annotated[tuple[int, ...], NoDecode] = (200, 1_000, 5_000)
     delivery_limit: int = Field(default=20, ge=1)

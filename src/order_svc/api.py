@@ -13,6 +13,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from bus.outbox import UnitOfWork
 from bus.web import (
     CORRELATION_ID,
     TRANSACTIONS,
@@ -124,33 +125,37 @@ async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamRespo
         "updated_at": at,
         "refund_requested": False,
     }
-    try:
-        async with transactions.begin() as unit:
-            if new_user is not None:  # learnt over HTTP: keep it for the next order
-                await replicas.remember_user(unit.session, new_user)
-            for product in fetched:
-                await replicas.remember_product(unit.session, product)
-            if key:
-                await unit.session.execute(
-                    insert(store.idempotency_keys).values(
-                        user_id=caller.user_id,
-                        key=key,
-                        request_hash=fingerprint,
-                        order_id=order_id,
-                        created_at=at,
-                    )
-                )
-            values["traceparent"] = unit.publish(
-                OrderCreated(
-                    order_id=order_id,
+
+    async def write(unit: UnitOfWork) -> None:  # inserts only: safe to run again alone
+        if new_user is not None:  # learnt over HTTP: keep it for the next order
+            await replicas.remember_user(unit.session, new_user)
+        for product in fetched:
+            await replicas.remember_product(unit.session, product)
+        if key:
+            await unit.session.execute(
+                insert(store.idempotency_keys).values(
                     user_id=caller.user_id,
-                    items=lines,
-                    total=total,
-                    currency=currency,
-                ),
-                correlation_id=request[CORRELATION_ID],
-            ).traceparent
-            await saga.start(unit, values, priced, request.app[POLICY])
+                    key=key,
+                    request_hash=fingerprint,
+                    order_id=order_id,
+                    created_at=at,
+                )
+            )
+        values["traceparent"] = unit.publish(
+            OrderCreated(
+                order_id=order_id,
+                user_id=caller.user_id,
+                items=lines,
+                total=total,
+                currency=currency,
+            ),
+            correlation_id=request[CORRELATION_ID],
+        ).traceparent
+        await saga.start(unit, values, priced, request.app[POLICY])
+
+    try:
+        # orders placed at the same moment commit in one transaction (group commit)
+        await transactions.together(write)
     except IntegrityError:
         # the same Idempotency-Key raced in from another request: answer with its order
         if key and (existing := await _order_for_key(request, caller.user_id, key, fingerprint)):

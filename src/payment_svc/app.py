@@ -44,7 +44,7 @@ def build(
     if settings.payment_latency_ms:
         # a charge calls its provider inside its transaction: grouped with others, charges
         # would wait for each other's providers in turn
-        settings = settings.model_copy(update={"messages_per_transaction": 1})
+        settings = settings.model_copy(update={"group_commit_size": 1})
     db = Database.from_settings(
         settings, metadata=[store.metadata], upgrades=[store.let_payments_have_no_user]
     )

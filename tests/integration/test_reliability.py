@@ -200,7 +200,7 @@ async def test_grouped_handlers_that_deadlock_on_postgres_each_commit_once(
                 await asyncio.sleep(0.3)  # the other group takes its first row meanwhile
         await unit.session.execute(insert(effects).values(name=f"done {order}"))
 
-    handle = grouped(Transactions(postgres, "/tests"), "deadlock", lock_both, lanes=2)
+    handle = grouped(Transactions(postgres, "/tests", lanes=2), "deadlock", lock_both)
     messages = [ThingMade(name=order) for order in ("AB", "BA")]
     deliveries = [Delivery(Envelope.wrap(m, source="/tests"), m, "q", 1) for m in messages]
 

@@ -13,9 +13,9 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, in
 from bus.broker import Delivery
 from bus.db import Database
 from bus.envelope import Command, Envelope, Event, MessageRegistry
-from bus.inbox import DUPLICATES, GROUP_SIZES, grouped, idempotent, inbox_table
+from bus.inbox import DUPLICATES, grouped, idempotent, inbox_table
 from bus.memory import MemoryBroker
-from bus.observability import EVENTS_UNHEARD
+from bus.observability import EVENTS_UNHEARD, UNITS_PER_TRANSACTION
 from bus.outbox import Committed, OutboxRelay, Transactions, UnitOfWork, outbox_table
 from tests.support import eventually
 
@@ -338,10 +338,10 @@ class Recorder:
 
 async def test_messages_that_arrive_together_commit_in_one_transaction(db: Database) -> None:
     handed: list[Committed] = []
-    transactions = Transactions(db, "/tests", on_commit=handed.append)
+    transactions = Transactions(db, "/tests", on_commit=handed.append, lanes=1)
     record = Recorder()
-    handle = grouped(transactions, "things", record, lanes=1)
-    sizes = GROUP_SIZES.labels("things")
+    handle = grouped(transactions, "things", record)
+    sizes = UNITS_PER_TRANSACTION.labels("/tests")
     before = sizes._sum.get()
     committed = commits(db)
 
@@ -358,8 +358,8 @@ async def test_messages_that_arrive_together_commit_in_one_transaction(db: Datab
 
 
 async def test_each_message_of_a_group_causes_its_own_messages(db: Database) -> None:
-    transactions = Transactions(db, "/tests")
-    handle = grouped(transactions, "things", Recorder(), lanes=1)
+    transactions = Transactions(db, "/tests", lanes=1)
+    handle = grouped(transactions, "things", Recorder())
     sent = [delivery(str(n)) for n in range(3)]
 
     await asyncio.gather(*(handle(d) for d in sent))
@@ -376,9 +376,9 @@ async def test_each_message_of_a_group_causes_its_own_messages(db: Database) -> 
 async def test_a_failing_message_rolls_back_its_group_and_the_rest_commit_alone(
     db: Database,
 ) -> None:
-    transactions = Transactions(db, "/tests")
+    transactions = Transactions(db, "/tests", lanes=1)
     record = Recorder(fail={"bad"})
-    handle = grouped(transactions, "things", record, lanes=1)
+    handle = grouped(transactions, "things", record)
     names = ["a", "bad", "b", "c"]
 
     results = await asyncio.gather(*(handle(delivery(n)) for n in names), return_exceptions=True)
@@ -394,9 +394,9 @@ async def test_a_failing_message_rolls_back_its_group_and_the_rest_commit_alone(
 
 
 async def test_a_message_twice_in_one_group_takes_effect_once(db: Database) -> None:
-    transactions = Transactions(db, "/tests")
+    transactions = Transactions(db, "/tests", lanes=1)
     record = Recorder()
-    handle = grouped(transactions, "things", record, lanes=1)
+    handle = grouped(transactions, "things", record)
     first = delivery("twice")
     duplicates = DUPLICATES.labels("things")
     before = duplicates._value.get()
@@ -410,10 +410,10 @@ async def test_a_message_twice_in_one_group_takes_effect_once(db: Database) -> N
     assert duplicates._value.get() == before + 1
 
 
-async def test_a_group_takes_at_most_max_size_messages(db: Database) -> None:
-    transactions = Transactions(db, "/tests")
+async def test_a_group_takes_at_most_group_size_messages(db: Database) -> None:
+    transactions = Transactions(db, "/tests", group_size=3, lanes=2)
     record = Recorder()
-    handle = grouped(transactions, "things", record, max_size=3, lanes=2)
+    handle = grouped(transactions, "things", record)
     committed = commits(db)
 
     await asyncio.gather(*(handle(delivery(str(n))) for n in range(10)))
@@ -423,9 +423,9 @@ async def test_a_group_takes_at_most_max_size_messages(db: Database) -> None:
 
 
 async def test_a_group_of_one_is_a_plain_idempotent_handler(db: Database) -> None:
-    transactions = Transactions(db, "/tests")
+    transactions = Transactions(db, "/tests", group_size=1)
     record = Recorder()
-    handle = grouped(transactions, "things", record, max_size=1)
+    handle = grouped(transactions, "things", record)
     committed = commits(db)
 
     await asyncio.gather(*(handle(delivery(str(n))) for n in range(3)))
