@@ -1,0 +1,113 @@
+"""CPU a statement costs through SQLAlchemy Core and through asyncpg alone, on PostgreSQL.
+
+The saga's steps are a few small statements each, and at full speed what an order costs
+is mostly what its round trips cost. This runs one of them (the order service's "end the
+step" UPDATE, prebuilt, in one open transaction) ``--statements`` times each way, and
+reads the process's CPU time (user and kernel), so waiting on PostgreSQL is left out.
+
+    DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:5432/test \\
+    python -m benchmarks.statements [--statements 3000] [--rounds 5]
+
+Writes benchmarks/results/statements.json: microseconds of CPU a statement, medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bus.db import Database
+from bus.service import run as run_loop
+from order_svc import store
+
+RESULTS = Path(__file__).parent / "results" / "statements.json"
+ORDER = "bench-order"
+
+
+async def cpu_per_call(calls: int, call: Callable[[], Awaitable[Any]]) -> float:
+    """Microseconds of this process's CPU per ``call()``."""
+    started = time.process_time()
+    for _ in range(calls):
+        await call()
+    return (time.process_time() - started) / calls * 1e6
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    url = os.environ.get("DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+    schema = f"bench{uuid.uuid4().hex[:6]}"
+    db = Database(url, schema=schema, metadata=[store.metadata])
+    await db.create_all()
+    at = store.now()
+    values = {"saga_step": None, "step_deadline": None, "step_attempts": 0}
+    order = {
+        "id": ORDER,
+        "user_id": "bench",
+        "status": "pending",
+        "currency": "USD",
+        "total_cents": 999,
+        "provider": "stripe",
+        "method": "tok_visa",
+        "correlation_id": "bench",
+        "created_at": at,
+        "updated_at": at,
+        "refund_requested": False,
+    }
+    core: list[float] = []
+    driver: list[float] = []
+    try:
+        async with db.session() as session, session.begin():
+            await session.execute(store._INSERT_ORDER, order)
+        sql = (
+            f'UPDATE "{schema}".orders SET saga_step = $1, step_deadline = $2, '
+            "step_attempts = $3, updated_at = $4 WHERE orders.id = $5 AND orders.saga_step = $6"
+        )
+        params = {"order_key": ORDER, "step": "commit", "updated_at": at, **values}
+        for _ in range(args.rounds):
+            async with db.session() as session, session.begin():
+                through_core = functools.partial(session.execute, store._END_STEP, params)
+                core.append(await cpu_per_call(args.statements, through_core))
+                asyncpg = (await session.get_raw_connection()).driver_connection
+                assert asyncpg is not None
+                alone = functools.partial(asyncpg.execute, sql, None, None, 0, at, ORDER, "commit")
+                driver.append(await cpu_per_call(args.statements, alone))
+    finally:
+        await db.drop_schema()
+        await db.close()
+    return {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "statements_per_round": args.statements,
+        "rounds": args.rounds,
+        "median_cpu_us_per_statement": {
+            "sqlalchemy core": round(statistics.median(core), 1),
+            "asyncpg": round(statistics.median(driver), 1),
+        },
+        "all_cpu_us_per_statement": {
+            "sqlalchemy core": [round(v, 1) for v in core],
+            "asyncpg": [round(v, 1) for v in driver],
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="CPU a statement costs, two ways")
+    parser.add_argument("--statements", type=int, default=3000)
+    parser.add_argument("--rounds", type=int, default=5)
+    result = run_loop(run(parser.parse_args()))
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["median_cpu_us_per_statement"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
