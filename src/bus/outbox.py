@@ -6,16 +6,21 @@ and marks a row published only once the broker confirmed it. A crash between the
 publishes the row again; consumers drop the copy by message id (the inbox).
 
 The relay has two ways to a row. Right after a commit it publishes what that transaction
-wrote from memory, and marks the rows in one statement: no claim, no re-read, no
-transaction. What that misses (the broker was down, the process died, another instance
-wrote it) the relay's poll finds once it is ``fresh_seconds`` old, claims, and publishes.
+wrote from memory, and marks the rows in one statement: no claim, no re-read, and on
+PostgreSQL no transaction. What that misses (the broker was down, the process died,
+another instance wrote it) the relay's poll finds once it is ``fresh_seconds`` old,
+claims, and publishes. Either way a row may go out twice (a crash, a stall longer than
+``fresh_seconds``); consumers drop the copy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+import contextvars
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
@@ -155,9 +160,9 @@ class Transactions:
     """Opens units of work on one database and hands the relay what they wrote.
 
     :meth:`begin` gives a block a transaction of its own. :meth:`together` runs work that
-    can be run again (a message's handler, an insert-only request) in a transaction it
-    may share with work that arrives at the same moment: group commit, up to
-    ``group_size`` units a transaction (1: each alone) in up to ``lanes`` groups at once.
+    is safe to run again (a message's handler behind the inbox, an insert-only request)
+    in a transaction it may share with work that arrives at the same moment: group
+    commit, up to ``group_size`` units a transaction (1: each has its own).
     """
 
     def __init__(
@@ -167,14 +172,13 @@ class Transactions:
         on_commit: Callable[[Committed], None] | None = None,
         *,
         group_size: int = 32,
-        lanes: int = 2,
     ):
         self.db = db
         self.source = source
         self.on_commit = on_commit
         self.group_size = group_size
-        self.lanes = lanes
-        self._forming: list[_Group] = []  # groups still taking turns, at most ``lanes``
+        self._forming: _Group | None = None  # the group new units join
+        self._running: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def begin(self, causation: Envelope | None = None) -> AsyncIterator[UnitOfWork]:
@@ -183,6 +187,7 @@ class Transactions:
             unit = UnitOfWork(session, self.source, causation)
             yield unit
             await unit._write_outbox()
+        child(UNITS_PER_TRANSACTION, self.source).observe(1)
         self.committed(unit)
 
     def committed(self, *units: UnitOfWork) -> None:
@@ -193,111 +198,101 @@ class Transactions:
                 self.on_commit(written)
 
     async def together(self, work: Work[T], causation: Envelope | None = None) -> T:
-        """Run ``work`` in a unit of work that commits with those of others: group commit.
+        """Run ``work`` in a unit of work that commits with others: group commit.
 
-        The first unit of a group opens the transaction; units that arrive while it works
-        join the group (up to ``group_size``) and take their turns on the same connection,
-        each in its own task (so each keeps its trace and log context) with a
-        :class:`UnitOfWork` of its own (its messages name its own cause). When no one
-        waits for a turn, the first writes every unit's outbox rows in one statement and
-        commits; only then does ``together`` return. Up to ``lanes`` groups work side by
-        side, so a unit that arrives while one group works starts another rather than
-        waiting behind it.
+        Units that arrive while a group works join it, up to ``group_size``. A task of the
+        group's own opens the transaction and runs each unit's ``work`` in turn on its
+        connection, each in the context of the caller that brought it (its trace and log
+        context), with a :class:`UnitOfWork` of its own (its messages name their own
+        cause). When no unit is left waiting, it writes every unit's outbox rows in one
+        statement and commits; only then does ``together`` return. What arrives meanwhile
+        starts the next group, as does what arrives when a group is full.
 
-        When any unit of a group fails, the group is rolled back and each unit's ``work``
-        runs again in a transaction of its own, as :meth:`begin` would run it: the one
-        that failed fails alone, the others commit. So ``work`` must be safe to run twice,
-        and it holds its row locks until the group commits: work that waits on something
-        slow (a remote call) should not be grouped. Two groups may deadlock on rows they
-        lock in opposite orders; PostgreSQL fails one of them, and its units run alone.
+        When a unit's ``work`` fails, the group is rolled back and every unit's ``work``
+        runs again in a transaction of its own (:meth:`begin`): the one that failed fails
+        alone, the others commit. So ``work`` must be safe to run twice, and it holds its
+        row locks until its group commits: work that calls something slow or that cannot
+        be repeated (a payment provider) must not be grouped. When the database fails
+        (BEGIN, the outbox write, COMMIT), every unit of the group gets that error. A
+        caller that is cancelled leaves its unit to the group, which goes on without it.
         """
-        if self.group_size > 1:
-            open_groups = [group for group in self._forming if group.size < self.group_size]
-            if len(self._forming) < self.lanes or not open_groups:
-                group = _Group(asyncio.get_running_loop().create_future())
-                self._forming.append(group)
-                outcome = await self._lead(group, work, causation)
-            else:
-                group = min(open_groups, key=lambda g: g.waiting)
-                group.size += 1
-                outcome = await self._join(group, work, causation)
-            if outcome is not _FAILED:
-                return cast(T, outcome)
-        async with self.begin(causation) as unit:  # alone, with an outcome of its own
+        if self.group_size <= 1:
+            async with self.begin(causation) as unit:
+                return await work(unit)
+        member = _Member(work, causation, contextvars.copy_context())
+        self._group_with_room().members.append(member)
+        outcome = await asyncio.shield(member.outcome)
+        if outcome is not _ALONE:
+            return cast(T, outcome)
+        async with self.begin(causation) as unit:  # with an outcome of its own
             return await work(unit)
 
-    async def _take_turn(
-        self, group: _Group, work: Work[T], causation: Envelope | None
-    ) -> T | object:
-        if group.session is None or group.failed:
-            return _FAILED  # the group is over, or will be rolled back: this runs alone
-        unit = UnitOfWork(group.session, self.source, causation)
-        try:
-            result = await work(unit)
-        except Exception:
-            group.failed = True
-            return _FAILED
-        except BaseException:  # cancelled mid-statement: the transaction is spoilt
-            group.failed = True
-            raise
-        group.units.append(unit)
-        return result
+    def _group_with_room(self) -> _Group:
+        group = self._forming
+        if group is None or group.closed or len(group.members) + group.ran >= self.group_size:
+            group = self._forming = _Group()
+            task = asyncio.create_task(self._run(group), name=f"group commit {self.source}")
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+        return group
 
-    async def _lead(self, group: _Group, work: Work[T], causation: Envelope | None) -> T | object:
-        outcome: T | object = _FAILED
-        await group.turn.acquire()  # a new group's: free
-        held = True
+    async def _run(self, group: _Group) -> None:
+        """Run the group's units in one transaction, then tell each how it went."""
+        done: list[tuple[_Member, UnitOfWork, object]] = []
+        member: _Member | None = None
         try:
             async with self.db.session() as session, session.begin():
-                group.session = session
-                outcome = await self._take_turn(group, work, causation)
-                while group.waiting:  # the units that joined meanwhile take their turns
-                    group.turn.release()
-                    held = False
-                    await group.turn.acquire()
-                    held = True
-                self._close(group)  # what arrives from now on goes elsewhere
-                if group.failed:
-                    raise _RollBack
-                await write_outbox(session, [m for u in group.units for m in u.written()])
-            group.committed = True
+                while group.members:
+                    member = group.members.popleft()
+                    group.ran += 1
+                    unit = UnitOfWork(session, self.source, member.causation)
+                    running: asyncio.Task[object] = asyncio.create_task(
+                        member.work(unit), context=member.context
+                    )
+                    try:
+                        result = await running
+                    except Exception:
+                        group.closed = True
+                        raise _RollBack from None  # this unit and every other: again, alone
+                    done.append((member, unit, result))
+                    member = None
+                group.closed = True  # what arrives from now on starts the next group
+                await write_outbox(session, [m for _, unit, _ in done for m in unit.written()])
         except _RollBack:
-            log.info("group commit rolled back; each unit runs alone", size=group.size)
-        except Exception:
-            log.warning("group commit failed; each unit runs alone", exc_info=True)
+            log.info("group commit rolled back; each unit runs alone", size=group.ran)
+            for waiting in self._over(group, done, member):
+                waiting.outcome.set_result(_ALONE)
+            return
+        except Exception as error:  # BEGIN, the outbox write or COMMIT failed
+            for waiting in self._over(group, done, member):
+                waiting.outcome.set_exception(error)
+                waiting.outcome.exception()  # retrieved: a caller that left must not warn
+            return
+        except BaseException:  # cancelled: the loop is shutting down
+            for waiting in self._over(group, done, member):
+                waiting.outcome.cancel()
+            raise
         finally:
-            group.session = None  # no one takes a turn on it any more
-            if held:
-                group.turn.release()
-            self._close(group)
-            group.done.set_result(group.committed)
-        if not group.committed:
-            return _FAILED
-        child(UNITS_PER_TRANSACTION, self.source).observe(group.size)
-        self.committed(*group.units)
-        return outcome
+            if self._forming is group:
+                self._forming = None
+        child(UNITS_PER_TRANSACTION, self.source).observe(len(done))
+        self.committed(*(unit for _, unit, _ in done))
+        for member, _, result in done:
+            member.outcome.set_result(result)
 
-    async def _join(self, group: _Group, work: Work[T], causation: Envelope | None) -> T | object:
-        group.waiting += 1
-        try:
-            await group.turn.acquire()
-        finally:
-            group.waiting -= 1
-        try:
-            outcome = await self._take_turn(group, work, causation)
-        finally:
-            group.turn.release()
-        # shielded: a cancelled member must not cancel the answer the others wait for
-        return outcome if await asyncio.shield(group.done) else _FAILED
-
-    def _close(self, group: _Group) -> None:
-        if group in self._forming:
-            self._forming.remove(group)
+    @staticmethod
+    def _over(
+        group: _Group, done: list[tuple[_Member, UnitOfWork, object]], current: _Member | None
+    ) -> list[_Member]:
+        """Close ``group``; every unit it took or still holds, for telling how it ended."""
+        group.closed = True
+        taken = [member for member, _, _ in done] + ([current] if current else [])
+        return taken + list(group.members)
 
 
 T = TypeVar("T")
-Work = Callable[[UnitOfWork], Awaitable[T]]
-_FAILED = object()  # a unit's outcome when its group did not commit
+Work = Callable[[UnitOfWork], Coroutine[Any, Any, T]]
+_ALONE = object()  # a unit's outcome when its group rolled back: it runs again by itself
 
 
 class _RollBack(Exception):
@@ -305,17 +300,24 @@ class _RollBack(Exception):
 
 
 @dataclass(eq=False)
-class _Group:
-    """Units of work sharing one transaction; one holds ``turn`` and the connection at a time."""
+class _Member:
+    """One unit of work waiting in a group, and where its outcome goes."""
 
-    done: asyncio.Future[bool]  # set once the group is over: whether it committed
-    turn: asyncio.Lock = field(default_factory=asyncio.Lock)
-    session: AsyncConnection | None = None
-    units: list[UnitOfWork] = field(default_factory=list)
-    size: int = 1
-    waiting: int = 0  # members queued for their turn
-    failed: bool = False
-    committed: bool = False
+    work: Work[Any]
+    causation: Envelope | None
+    context: contextvars.Context  # its caller's, so its logs and spans are its caller's
+    outcome: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+@dataclass(eq=False)
+class _Group:
+    """Units of work sharing one transaction, run one after another by the group's task."""
+
+    members: collections.deque[_Member] = field(default_factory=collections.deque)
+    ran: int = 0  # units taken from ``members`` so far
+    closed: bool = False  # takes no more units
 
 
 class OutboxRelay:
@@ -350,14 +352,15 @@ class OutboxRelay:
         self.retention = retention
         self.linger = linger
         self.fresh_seconds = fresh_seconds
-        self._fresh: list[tuple[Envelope, str]] = []
+        self._fresh: list[tuple[Envelope, str, float]] = []  # (envelope, kind, committed at)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     def committed(self, messages: Committed) -> None:
         """A transaction committed these outbox rows: publish them now, from memory."""
-        self._fresh.extend(messages)
+        at = time.monotonic()
+        self._fresh.extend((envelope, kind, at) for envelope, kind in messages)
         self._wake.set()
 
     def start(self) -> None:
@@ -382,6 +385,7 @@ class OutboxRelay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        self._fresh.clear()  # they are in the outbox: flush(), or the next relay, sends them
 
     async def flush(self, grace: float = 10.0) -> int:
         """Publish until nothing is pending or ``grace`` s have passed; return the count."""
@@ -427,7 +431,13 @@ class OutboxRelay:
 
         Rows the broker did not take are postponed like the poll's; the poll retries them.
         """
-        batch, self._fresh = self._fresh[: self.batch_size], self._fresh[self.batch_size :]
+        taken, self._fresh = self._fresh[: self.batch_size], self._fresh[self.batch_size :]
+        # a row that waited here half as long as the poll leaves rows alone may be the
+        # poll's by the time it goes out: leave it to the poll rather than send it twice
+        young = time.monotonic() - self.fresh_seconds / 2
+        batch = [(envelope, kind) for envelope, kind, at in taken if at >= young]
+        if not batch:
+            return
         results = await self.broker.publish_many([envelope for envelope, _ in batch])
         done, failed = [], []
         for (envelope, kind), error in zip(batch, results, strict=True):

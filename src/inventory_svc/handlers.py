@@ -84,7 +84,11 @@ async def _hold_all(session: AsyncConnection, lines: list[LineItem]) -> list[Res
     if not lines:
         raise _Shortage([])
     held, failed = [], []
-    for line in lines:  # sorted by product id: every reservation locks rows in one order
+    # sorted by product id: every reservation locks its rows in one order. Reservations
+    # grouped in one transaction lock in the order they came, but one group runs at a time
+    # (a second only while the first is full); PostgreSQL breaks a deadlock between two,
+    # and their reservations run again one by one.
+    for line in lines:
         price = None
         if line.quantity <= domain.MAX_UNITS:
             price = await store.hold_units(session, line.product_id, line.quantity)

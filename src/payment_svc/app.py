@@ -41,10 +41,9 @@ def build(
     gateway: PaymentGateway | None = None,
 ) -> Service:
     """The payment service; tests may pass their own token verifier and provider gateway."""
-    if settings.payment_latency_ms:
-        # a charge calls its provider inside its transaction: grouped with others, charges
-        # would wait for each other's providers in turn
-        settings = settings.model_copy(update={"group_commit_size": 1})
+    # A charge or refund calls its provider inside its unit of work, and a group that rolls
+    # back runs every unit again: the provider would be called twice. No group commit here.
+    settings = settings.model_copy(update={"group_commit_size": 1})
     db = Database.from_settings(
         settings, metadata=[store.metadata], upgrades=[store.let_payments_have_no_user]
     )

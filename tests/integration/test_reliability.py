@@ -185,7 +185,7 @@ async def test_grouped_handlers_that_deadlock_on_postgres_each_commit_once(
     postgres: Database,
 ) -> None:
     # two groups side by side lock the same two rows in opposite orders: PostgreSQL breaks
-    # the deadlock by failing one group, whose message then runs alone and commits
+    # the deadlock by failing one group, whose units then run alone and commit
     async with postgres.session() as session, session.begin():
         await session.execute(insert(effects), [{"name": "A"}, {"name": "B"}])
     calls: list[str] = []
@@ -200,14 +200,14 @@ async def test_grouped_handlers_that_deadlock_on_postgres_each_commit_once(
                 await asyncio.sleep(0.3)  # the other group takes its first row meanwhile
         await unit.session.execute(insert(effects).values(name=f"done {order}"))
 
-    handle = grouped(Transactions(postgres, "/tests", lanes=2), "deadlock", lock_both)
-    messages = [ThingMade(name=order) for order in ("AB", "BA")]
+    # two to a group: "AB" and "-" fill the first, "BA" starts the second
+    handle = grouped(Transactions(postgres, "/tests", group_size=2), "deadlock", lock_both)
+    messages = [ThingMade(name=order) for order in ("AB", "-", "BA")]
     deliveries = [Delivery(Envelope.wrap(m, source="/tests"), m, "q", 1) for m in messages]
 
     await asyncio.wait_for(asyncio.gather(*(handle(d) for d in deliveries)), 20)
 
     async with postgres.session() as session:
         names = sorted((await session.scalars(select(effects.c.name))).all())
-    assert names == ["A", "B", "done AB", "done BA"]
-    assert sorted(set(calls)) == ["AB", "BA"]
-    assert len(calls) == 3  # the group PostgreSQL failed ran its message again, alone
+    assert names == ["A", "B", "done -", "done AB", "done BA"]
+    assert len(calls) > 3  # the group PostgreSQL failed ran its units again, alone

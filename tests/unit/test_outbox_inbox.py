@@ -210,7 +210,7 @@ async def test_with_a_linger_commits_close_together_share_one_batch(
         return await publish_many(envelopes)
 
     broker.publish_many = counted  # type: ignore[method-assign]
-    relay = OutboxRelay(db, broker, service="tests", poll_seconds=5, linger=1.0)
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=5, linger=1.0, fresh_seconds=10)
     transactions = Transactions(db, "/tests", on_commit=relay.committed)
     relay.start()
     await asyncio.sleep(0.2)  # its first pass finds nothing; now it waits to be woken
@@ -338,7 +338,7 @@ class Recorder:
 
 async def test_messages_that_arrive_together_commit_in_one_transaction(db: Database) -> None:
     handed: list[Committed] = []
-    transactions = Transactions(db, "/tests", on_commit=handed.append, lanes=1)
+    transactions = Transactions(db, "/tests", on_commit=handed.append)
     record = Recorder()
     handle = grouped(transactions, "things", record)
     sizes = UNITS_PER_TRANSACTION.labels("/tests")
@@ -358,7 +358,7 @@ async def test_messages_that_arrive_together_commit_in_one_transaction(db: Datab
 
 
 async def test_each_message_of_a_group_causes_its_own_messages(db: Database) -> None:
-    transactions = Transactions(db, "/tests", lanes=1)
+    transactions = Transactions(db, "/tests")
     handle = grouped(transactions, "things", Recorder())
     sent = [delivery(str(n)) for n in range(3)]
 
@@ -376,7 +376,7 @@ async def test_each_message_of_a_group_causes_its_own_messages(db: Database) -> 
 async def test_a_failing_message_rolls_back_its_group_and_the_rest_commit_alone(
     db: Database,
 ) -> None:
-    transactions = Transactions(db, "/tests", lanes=1)
+    transactions = Transactions(db, "/tests")
     record = Recorder(fail={"bad"})
     handle = grouped(transactions, "things", record)
     names = ["a", "bad", "b", "c"]
@@ -394,7 +394,7 @@ async def test_a_failing_message_rolls_back_its_group_and_the_rest_commit_alone(
 
 
 async def test_a_message_twice_in_one_group_takes_effect_once(db: Database) -> None:
-    transactions = Transactions(db, "/tests", lanes=1)
+    transactions = Transactions(db, "/tests")
     record = Recorder()
     handle = grouped(transactions, "things", record)
     first = delivery("twice")
@@ -411,7 +411,7 @@ async def test_a_message_twice_in_one_group_takes_effect_once(db: Database) -> N
 
 
 async def test_a_group_takes_at_most_group_size_messages(db: Database) -> None:
-    transactions = Transactions(db, "/tests", group_size=3, lanes=2)
+    transactions = Transactions(db, "/tests", group_size=3)
     record = Recorder()
     handle = grouped(transactions, "things", record)
     committed = commits(db)
@@ -419,7 +419,7 @@ async def test_a_group_takes_at_most_group_size_messages(db: Database) -> None:
     await asyncio.gather(*(handle(delivery(str(n))) for n in range(10)))
 
     assert await count(db, things) == 10
-    assert 4 <= len(committed) < 10  # ten messages, three at most to a transaction
+    assert len(committed) == 4  # three, three, three and one
 
 
 async def test_a_group_of_one_is_a_plain_idempotent_handler(db: Database) -> None:
@@ -432,3 +432,71 @@ async def test_a_group_of_one_is_a_plain_idempotent_handler(db: Database) -> Non
 
     assert len(committed) == 3
     assert await count(db, things) == 3
+
+
+async def test_a_caller_that_leaves_leaves_its_unit_to_the_group(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+    record = Recorder()
+    handle = grouped(transactions, "things", record)
+    first = asyncio.create_task(handle(delivery("left")))
+    others = [asyncio.create_task(handle(delivery(str(n)))) for n in range(3)]
+    await asyncio.sleep(0)
+    first.cancel()  # a consumer stopping, a client gone: the group goes on
+
+    await asyncio.gather(*others)
+
+    assert first.cancelled()
+    assert await count(db, things) == 4  # its unit committed with the others
+    async with transactions.begin() as unit:  # and the connection went back clean
+        await unit.session.execute(things.insert().values(name="after"))
+    assert await count(db, things) == 5
+
+
+async def test_when_the_database_fails_every_unit_of_the_group_gets_the_error(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(session: object, messages: object) -> None:
+        raise ConnectionError("the database went away")
+
+    monkeypatch.setattr("bus.outbox.write_outbox", broken)
+    transactions = Transactions(db, "/tests")
+    record = Recorder()
+    handle = grouped(transactions, "things", record)
+
+    results = await asyncio.gather(
+        *(handle(delivery(str(n))) for n in range(3)), return_exceptions=True
+    )
+
+    assert [type(r) for r in results] == [ConnectionError] * 3
+    assert sorted(record.calls) == ["0", "1", "2"]  # not run again: each is retried instead
+    assert await count(db, things) == 0
+
+
+async def test_a_stalled_relay_leaves_what_waited_to_the_poll_and_sends_it_once(
+    db: Database, broker: MemoryBroker, seen: list[str]
+) -> None:
+    publish_many = broker.publish_many
+    stalls = [0.4]
+
+    async def stalling(envelopes: Sequence[Envelope]) -> list[BaseException | None]:
+        if stalls:
+            await asyncio.sleep(stalls.pop())  # a slow confirm
+        return await publish_many(envelopes)
+
+    broker.publish_many = stalling  # type: ignore[method-assign]
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=0.05, fresh_seconds=0.2)
+    transactions = Transactions(db, "/tests", on_commit=relay.committed)
+    relay.start()
+    await asyncio.sleep(0.1)  # past its first poll
+    try:
+        sent = []
+        for n in range(3):  # the first stalls the fast path; the others wait meanwhile
+            async with transactions.begin() as unit:
+                sent.append(unit.publish(ThingMade(name=str(n))).id)
+            await asyncio.sleep(0.05)
+        await eventually(lambda: drained(relay), within=5)
+        await asyncio.sleep(0.3)  # time for a second copy to show up, if one were sent
+    finally:
+        await relay.stop()
+
+    assert sorted(seen) == sorted(sent)
