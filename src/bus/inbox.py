@@ -73,14 +73,16 @@ def grouped(transactions: Transactions, consumer: str, handler: UnitHandler) -> 
     """
 
     async def handle(delivery: Delivery) -> None:
-        async def work(unit: UnitOfWork) -> None:
+        async def work(unit: UnitOfWork) -> bool:
             if not await claim(unit.session, consumer, delivery.envelope.id):
-                DUPLICATES.labels(consumer).inc()
-                log.info("duplicate message skipped", consumer=consumer)
-                return
+                return False
             await handler(delivery, unit)
+            return True
 
-        await transactions.together(work, causation=delivery.envelope)
+        # counted once it is settled: a group that rolls back runs ``work`` again
+        if not await transactions.together(work, causation=delivery.envelope):
+            DUPLICATES.labels(consumer).inc()
+            log.info("duplicate message skipped", consumer=consumer)
 
     return handle
 

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import contextvars
+import functools
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -211,16 +212,17 @@ class Transactions:
         When a unit's ``work`` fails, the group is rolled back and every unit's ``work``
         runs again in a transaction of its own (:meth:`begin`): the one that failed fails
         alone, the others commit. So ``work`` must be safe to run twice, and it holds its
-        row locks until its group commits: work that calls something slow or that cannot
-        be repeated (a payment provider) must not be grouped. When the database fails
-        (BEGIN, the outbox write, COMMIT), every unit of the group gets that error. A
-        caller that is cancelled leaves its unit to the group, which goes on without it.
+        row locks until its group commits: work that calls something slow or that must not
+        run twice (a payment provider) must not be grouped. When the database fails (BEGIN,
+        the outbox write, COMMIT), every unit of the group gets that error. A caller that
+        is cancelled leaves its unit to the group: it commits if the group does, and is
+        dropped if the group rolls back (a message then comes back, as it was not acked).
         """
         if self.group_size <= 1:
             async with self.begin(causation) as unit:
                 return await work(unit)
         member = _Member(work, causation, contextvars.copy_context())
-        self._group_with_room().members.append(member)
+        self._group_with_room().add(member)
         outcome = await asyncio.shield(member.outcome)
         if outcome is not _ALONE:
             return cast(T, outcome)
@@ -229,22 +231,23 @@ class Transactions:
 
     def _group_with_room(self) -> _Group:
         group = self._forming
-        if group is None or group.closed or len(group.members) + group.ran >= self.group_size:
+        if group is None or group.closed or len(group.everyone) >= self.group_size:
             group = self._forming = _Group()
-            task = asyncio.create_task(self._run(group), name=f"group commit {self.source}")
+            # in a context of its own: the group's logs and spans are no one caller's
+            task = asyncio.create_task(
+                self._run(group), name=f"group commit {self.source}", context=contextvars.Context()
+            )
             self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            task.add_done_callback(functools.partial(self._ended, group))
         return group
 
     async def _run(self, group: _Group) -> None:
         """Run the group's units in one transaction, then tell each how it went."""
         done: list[tuple[_Member, UnitOfWork, object]] = []
-        member: _Member | None = None
         try:
             async with self.db.session() as session, session.begin():
-                while group.members:
-                    member = group.members.popleft()
-                    group.ran += 1
+                while group.waiting:
+                    member = group.waiting.popleft()
                     unit = UnitOfWork(session, self.source, member.causation)
                     running: asyncio.Task[object] = asyncio.create_task(
                         member.work(unit), context=member.context
@@ -255,39 +258,37 @@ class Transactions:
                         group.closed = True
                         raise _RollBack from None  # this unit and every other: again, alone
                     done.append((member, unit, result))
-                    member = None
                 group.closed = True  # what arrives from now on starts the next group
                 await write_outbox(session, [m for _, unit, _ in done for m in unit.written()])
         except _RollBack:
-            log.info("group commit rolled back; each unit runs alone", size=group.ran)
-            for waiting in self._over(group, done, member):
-                waiting.outcome.set_result(_ALONE)
+            log.info("group commit rolled back; each unit runs alone", size=len(group.everyone))
+            for member in group.everyone:
+                member.outcome.set_result(_ALONE)
             return
         except Exception as error:  # BEGIN, the outbox write or COMMIT failed
-            for waiting in self._over(group, done, member):
-                waiting.outcome.set_exception(error)
-                waiting.outcome.exception()  # retrieved: a caller that left must not warn
+            group.closed = True
+            log.warning("group commit failed", size=len(group.everyone), exc_info=True)
+            for member in group.everyone:
+                member.outcome.set_exception(error)
+                member.outcome.exception()  # retrieved: a caller that left must not warn
             return
-        except BaseException:  # cancelled: the loop is shutting down
-            for waiting in self._over(group, done, member):
-                waiting.outcome.cancel()
-            raise
-        finally:
-            if self._forming is group:
-                self._forming = None
-        child(UNITS_PER_TRANSACTION, self.source).observe(len(done))
-        self.committed(*(unit for _, unit, _ in done))
         for member, _, result in done:
             member.outcome.set_result(result)
+        child(UNITS_PER_TRANSACTION, self.source).observe(len(done))
+        self.committed(*(unit for _, unit, _ in done))
 
-    @staticmethod
-    def _over(
-        group: _Group, done: list[tuple[_Member, UnitOfWork, object]], current: _Member | None
-    ) -> list[_Member]:
-        """Close ``group``; every unit it took or still holds, for telling how it ended."""
+    def _ended(self, group: _Group, task: asyncio.Task[None]) -> None:
+        """However the group's task ended (cancelled, even before it began), no caller is
+        left waiting and no unit joins it any more."""
+        self._running.discard(task)
         group.closed = True
-        taken = [member for member, _, _ in done] + ([current] if current else [])
-        return taken + list(group.members)
+        if self._forming is group:
+            self._forming = None
+        for member in group.everyone:
+            if not member.outcome.done():
+                member.outcome.cancel()
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("group commit task failed", exc_info=error)
 
 
 T = TypeVar("T")
@@ -315,9 +316,13 @@ class _Member:
 class _Group:
     """Units of work sharing one transaction, run one after another by the group's task."""
 
-    members: collections.deque[_Member] = field(default_factory=collections.deque)
-    ran: int = 0  # units taken from ``members`` so far
+    everyone: list[_Member] = field(default_factory=list)
+    waiting: collections.deque[_Member] = field(default_factory=collections.deque)
     closed: bool = False  # takes no more units
+
+    def add(self, member: _Member) -> None:
+        self.everyone.append(member)
+        self.waiting.append(member)
 
 
 class OutboxRelay:
@@ -399,17 +404,21 @@ class OutboxRelay:
     async def _run(self) -> None:
         failures = 0
         loop = asyncio.get_running_loop()
-        polled: float | None = None  # the first poll takes rows of every age: an earlier
-        while not self._stopping:  # run of this service may have left some behind
+        # the first poll takes every row written before the relay started, however young:
+        # an earlier run of this service may have left some behind
+        started: datetime | None = _now()
+        polled = loop.time() - self.poll_seconds
+        while not self._stopping:
             self._wake.clear()
             try:
                 if self._fresh:
                     await self._publish_fresh()
-                if polled is None or loop.time() - polled >= self.poll_seconds:
-                    fresh = 0.0 if polled is None else self.fresh_seconds
+                if loop.time() - polled >= self.poll_seconds:
                     polled = loop.time()
-                    while await self.publish_pending(fresh_seconds=fresh) >= self.batch_size:
+                    fresh = self.fresh_seconds
+                    while await self.publish_pending(fresh, started) >= self.batch_size:
                         pass
+                    started = None
                     OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
                 failures = 0
             except Exception:
@@ -474,17 +483,19 @@ class OutboxRelay:
             async with self.db.session() as session, session.begin():
                 yield session
 
-    async def publish_pending(self, fresh_seconds: float = 0.0) -> int:
+    async def publish_pending(
+        self, fresh_seconds: float = 0.0, written_before: datetime | None = None
+    ) -> int:
         """Publish one batch of due rows; return how many the broker confirmed.
 
         A row is due when it is at least ``fresh_seconds`` old (younger ones are the fast
-        path's to publish) or when its retry is due.
+        path's to publish), or written before ``written_before`` when that is given, or
+        when its retry is due.
         """
         table = outbox_table
         now = _now()
-        waited = table.c.next_attempt_at.is_(None) & (
-            table.c.created_at <= now - timedelta(seconds=fresh_seconds)
-        )
+        cutoff = written_before or now - timedelta(seconds=fresh_seconds)
+        waited = table.c.next_attempt_at.is_(None) & (table.c.created_at <= cutoff)
         due = _pending & (waited | (table.c.next_attempt_at <= now))
         query = select(table.c.id, table.c.kind, table.c.body, table.c.attempts).where(due)
         query = query.order_by(table.c.id).limit(self.batch_size)

@@ -500,3 +500,34 @@ async def test_a_stalled_relay_leaves_what_waited_to_the_poll_and_sends_it_once(
         await relay.stop()
 
     assert sorted(seen) == sorted(sent)
+
+
+async def test_callers_learn_their_units_committed_even_if_telling_the_relay_fails(
+    db: Database,
+) -> None:
+    def broken_relay(rows: Committed) -> None:
+        raise RuntimeError("relay gone")
+
+    transactions = Transactions(db, "/tests", on_commit=broken_relay)
+    handle = grouped(transactions, "things", Recorder())
+
+    await asyncio.wait_for(asyncio.gather(*(handle(delivery(str(n))) for n in range(3))), 5)
+
+    assert await count(db, things) == 3
+    assert await count(db, outbox_table) == 3  # the relay's poll sends them
+
+
+async def test_a_group_cancelled_before_it_began_leaves_no_caller_waiting(
+    db: Database,
+) -> None:
+    transactions = Transactions(db, "/tests")
+    handle = grouped(transactions, "things", Recorder())
+    waiting = asyncio.create_task(handle(delivery("stranded")))
+    await asyncio.sleep(0)
+    for group in list(transactions._running):  # the loop shutting down, say
+        group.cancel()
+
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiting, 5)
+    await asyncio.wait_for(handle(delivery("next")), 5)  # the next unit starts a new group
+    assert await count(db, things) == 1
