@@ -198,6 +198,11 @@ class Transactions:
             if written:
                 self.on_commit(written)
 
+    async def settle(self, grace: float = 10.0) -> None:
+        """Wait up to ``grace`` s for the groups at work to commit or roll back."""
+        if self._running:
+            await asyncio.wait(set(self._running), timeout=grace)
+
     async def together(self, work: Work[T], causation: Envelope | None = None) -> T:
         """Run ``work`` in a unit of work that commits with others: group commit.
 

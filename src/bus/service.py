@@ -182,6 +182,8 @@ class Service:
         )
         if self._consumer is not None:
             await self._consumer.stop(grace=grace)
+        # units whose callers were cancelled above may still be committing as a group
+        await self.transactions.settle(grace)
         await self.relay.stop(grace)
         with contextlib.suppress(Exception):
             flushed = await self.relay.flush(grace)

@@ -531,3 +531,19 @@ async def test_a_group_cancelled_before_it_began_leaves_no_caller_waiting(
         await asyncio.wait_for(waiting, 5)
     await asyncio.wait_for(handle(delivery("next")), 5)  # the next unit starts a new group
     assert await count(db, things) == 1
+
+
+async def test_settle_waits_for_groups_whose_callers_left(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+
+    async def slow(unit: UnitOfWork) -> None:
+        await asyncio.sleep(0.2)
+        await unit.session.execute(things.insert().values(name="slow"))
+
+    caller = asyncio.create_task(transactions.together(slow))
+    await asyncio.sleep(0.05)
+    caller.cancel()  # a handler cancelled when its consumer stopped
+
+    await transactions.settle(grace=5)
+
+    assert await count(db, things) == 1
