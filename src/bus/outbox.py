@@ -398,7 +398,8 @@ class OutboxRelay:
         self._fresh.clear()  # they are in the outbox: flush(), or the next relay, sends them
 
     async def flush(self, grace: float = 10.0) -> int:
-        """Publish until nothing is pending or ``grace`` s have passed; return the count."""
+        """Publish until nothing is due or ``grace`` s have passed; return how many rows
+        are done with."""
         sent = 0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
@@ -491,7 +492,8 @@ class OutboxRelay:
     async def publish_pending(
         self, fresh_seconds: float = 0.0, written_before: datetime | None = None
     ) -> int:
-        """Publish one batch of due rows; return how many the broker confirmed.
+        """Publish one batch of due rows; return how many are done with (confirmed by the
+        broker, or events no one subscribes to).
 
         A row is due when it is at least ``fresh_seconds`` old (younger ones are the fast
         path's to publish), or written before ``written_before`` when that is given, or
@@ -525,9 +527,8 @@ class OutboxRelay:
             for row, error in failed:
                 where = table.c.id == row.id
                 await session.execute(self._postpone(where, row.id, row.attempts, error, now))
-        published = sum(error is None for error in results)
-        child(OUTBOX_PUBLISHED, self.service).inc(published)
-        return published
+        child(OUTBOX_PUBLISHED, self.service).inc(sum(error is None for error in results))
+        return len(done)
 
     def _postpone(
         self, where: Any, row: object, attempts: int, error: BaseException | None, now: datetime

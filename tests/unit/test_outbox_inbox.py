@@ -234,7 +234,7 @@ async def test_event_nobody_subscribes_to_is_done_and_counted(
         unit.publish(ThingMade(name="nobody listens"))
     relay = OutboxRelay(db, broker, service="tests")
 
-    assert await relay.publish_pending() == 0
+    assert await relay.publish_pending() == 1  # done with, though no one got it
     assert await relay.backlog() == 0
     assert unheard._value.get() == before + 1
 
@@ -547,3 +547,15 @@ async def test_settle_waits_for_groups_whose_callers_left(db: Database) -> None:
     await transactions.settle(grace=5)
 
     assert await count(db, things) == 1
+
+
+async def test_flush_goes_past_a_batch_no_one_hears(db: Database, broker: MemoryBroker) -> None:
+    await broker.declare("things", ["thing.make"])  # commands are heard; events are not
+    async with Transactions(db, "/tests").begin() as unit:
+        for n in range(3):
+            unit.publish(ThingMade(name=f"unheard {n}"))
+        unit.publish(MakeThing(name="heard"))
+    relay = OutboxRelay(db, broker, service="tests", batch_size=3)
+
+    assert await relay.flush() == 4
+    assert await relay.backlog() == 0
