@@ -24,6 +24,7 @@ log = structlog.get_logger("bus.inbox")
 DUPLICATES = Counter(
     "microshop_messages_duplicate_total", "Redelivered messages the inbox skipped", ["consumer"]
 )
+
 inbox_table = Table(
     "inbox",
     BUS_METADATA,

@@ -170,9 +170,9 @@ _INSERT_ITEMS = insert(order_items)
 _UPDATE_ORDER = update(orders).where(orders.c.id == bindparam("order_key"))
 _END_STEP = _UPDATE_ORDER.where(orders.c.saga_step == bindparam("step"))
 # On PostgreSQL a change of status writes its history entry in the same statement (a
-# data-modifying WITH): one round trip instead of two, on every step of every order
-# (from a SELECT of its own parameters: an INSERT with VALUES would also take any other
-# parameter named like one of its columns, such as the order's ``id``)
+# data-modifying WITH): one round trip instead of two, on every step of every order. The
+# entry is inserted from a SELECT of its own parameters, because an INSERT with VALUES
+# would also take any other parameter named like one of its columns (the order's ``id``).
 _ENTRY = insert(order_history).from_select(
     ["order_id", "status", "reason", "at"],
     select(
