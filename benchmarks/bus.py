@@ -22,18 +22,17 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 import aio_pika
 import structlog
 
+from benchmarks import record, stamp
 from bus.amqp import AmqpBroker
 from bus.broker import EXCHANGE, Delivery
 from bus.db import Database
@@ -219,8 +218,7 @@ async def run(url: str, database_url: str | None, count: int, rounds: int) -> di
 
     medians = {name: statistics.median(values) for name, values in times.items()}
     return {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **stamp(),
         "messages_per_round": count,
         "rounds": rounds,
         "window": WINDOW,
@@ -242,8 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     url = os.environ.get("RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
     result = run_loop(run(url, os.environ.get("DATABASE_URL"), args.messages, args.rounds))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    record(RESULTS, result)
     print(json.dumps(result["median_msgs_per_second"], indent=2))
     print("kit/raw:", result["ratio_kit_to_raw"], "(target >= 0.8)")
 

@@ -27,9 +27,7 @@ benchmarks/results/gateway.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import re
 import shutil
 import signal
@@ -39,10 +37,10 @@ import sys
 import tempfile
 import time
 import urllib.request
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import record, stamp
 from microshop.local import free_port
 
 RESULTS = Path(__file__).parent / "results" / "gateway.json"
@@ -118,9 +116,12 @@ def serve_otlp_sink() -> None:
     async def report(_: web.Application) -> None:
         print(f"otlp sink: {exports['requests']} exports, {exports['bytes']} bytes", flush=True)
 
+    async def live(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
     app = web.Application(client_max_size=64 << 20)
     app.router.add_post("/v1/traces", traces)
-    app.router.add_get("/health/live", lambda _: web.Response(text="ok"))
+    app.router.add_get("/health/live", live)
     app.on_shutdown.append(report)
     web.run_app(app, host="127.0.0.1", port=int(os.environ["BENCH_PORT"]), access_log=None)
 
@@ -331,8 +332,7 @@ def report(
     )
     strictest = "gateway+spans"  # the terms: tracing on as well
     document: dict[str, Any] = {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **stamp(),
         "tools": {"wrk": tool_version(["wrk", "-v"]), "nginx": tool_version([nginx, "-v"])},
         "request": f"GET {PATH} with a bearer token; ~60-byte JSON answer",
         "conditions": {
@@ -361,8 +361,7 @@ def report(
         },
         "all_rounds": runs,
     }
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(document, indent=2) + "\n")
+    record(RESULTS, document)
     print(f"\n{'target':>15} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'p50 ms c=1':>11}")
     for name, row in medians.items():
         print(

@@ -22,18 +22,17 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import aiohttp
 
+from benchmarks import record, stamp
 from bus.service import run as run_loop
 from microshop.local import LocalSystem
 
@@ -284,8 +283,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await connection.close()
         await system.stop()
     return {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **stamp(),
         "setup": "4 service processes + RabbitMQ + PostgreSQL + this load generator, one machine",
         "full_speed": fast,
         "fixed_rate": steady,
@@ -306,8 +304,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run_loop(run(args))  # on the services' loop (uvloop)
     if not args.full_speed_only:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        record(RESULTS, result)
     print(json.dumps(result, indent=2))
 
 

@@ -17,15 +17,14 @@ import argparse
 import functools
 import json
 import os
-import platform
 import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchmarks import record, stamp
 from bus.db import Database
 from bus.service import run as run_loop
 from order_svc import store
@@ -84,8 +83,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         await db.drop_schema()
         await db.close()
     return {
-        "when": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **stamp(),
         "statements_per_round": args.statements,
         "rounds": args.rounds,
         "median_cpu_us_per_statement": {
@@ -104,8 +102,7 @@ def main() -> None:
     parser.add_argument("--statements", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     result = run_loop(run(parser.parse_args()))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    record(RESULTS, result)
     print(json.dumps(result["median_cpu_us_per_statement"], indent=2))
 
 
