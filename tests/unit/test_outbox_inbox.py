@@ -410,28 +410,21 @@ async def test_a_message_twice_in_one_group_takes_effect_once(db: Database) -> N
     assert duplicates._value.get() == before + 1
 
 
-async def test_a_group_takes_at_most_group_size_messages(db: Database) -> None:
-    transactions = Transactions(db, "/tests", group_size=3)
-    record = Recorder()
-    handle = grouped(transactions, "things", record)
+@pytest.mark.parametrize(
+    ("group_size", "messages", "transactions_committed"),
+    [(3, 10, 4), (1, 3, 3)],  # three, three, three and one; a group of one is plain idempotent
+)
+async def test_a_group_takes_at_most_group_size_messages(
+    db: Database, group_size: int, messages: int, transactions_committed: int
+) -> None:
+    transactions = Transactions(db, "/tests", group_size=group_size)
+    handle = grouped(transactions, "things", Recorder())
     committed = commits(db)
 
-    await asyncio.gather(*(handle(delivery(str(n))) for n in range(10)))
+    await asyncio.gather(*(handle(delivery(str(n))) for n in range(messages)))
 
-    assert await count(db, things) == 10
-    assert len(committed) == 4  # three, three, three and one
-
-
-async def test_a_group_of_one_is_a_plain_idempotent_handler(db: Database) -> None:
-    transactions = Transactions(db, "/tests", group_size=1)
-    record = Recorder()
-    handle = grouped(transactions, "things", record)
-    committed = commits(db)
-
-    await asyncio.gather(*(handle(delivery(str(n))) for n in range(3)))
-
-    assert len(committed) == 3
-    assert await count(db, things) == 3
+    assert await count(db, things) == messages
+    assert len(committed) == transactions_committed
 
 
 async def test_a_caller_that_leaves_leaves_its_unit_to_the_group(db: Database) -> None:
