@@ -230,10 +230,19 @@ async def test_unhandled_exception_is_a_500_that_hides_the_text(client: Client) 
     assert any(event["event"] == "unhandled error" and event["exc_info"] for event in logs)
 
 
-async def test_a_lost_database_connection_is_a_503_to_try_again(client: Client) -> None:
-    response = await client.get("/db-gone")
+@pytest.mark.parametrize(
+    ("path", "detail"),
+    [
+        ("/db-gone", "the database connection was lost; try again"),
+        ("/db-busy", "the database is busy; try again"),  # the pool, past its timeout
+    ],
+)
+async def test_database_trouble_worth_retrying_is_a_503_to_try_again(
+    client: Client, path: str, detail: str
+) -> None:
+    response = await client.get(path)
     body = await problem(response, 503)
-    assert body["detail"] == "the database connection was lost; try again"
+    assert body["detail"] == detail
     assert response.headers["Retry-After"] == "1"
 
 
@@ -244,15 +253,6 @@ async def test_any_other_database_error_is_a_500_problem_that_tells_nothing(
     body = await problem(response, 500)
     assert body["detail"] == "internal error"
     assert "hunter2" not in await response.text()
-
-
-async def test_a_database_pool_busy_past_its_timeout_is_a_503_to_try_again(
-    client: Client,
-) -> None:
-    response = await client.get("/db-busy")
-    body = await problem(response, 503)
-    assert body["detail"] == "the database is busy; try again"
-    assert response.headers["Retry-After"] == "1"
 
 
 async def test_http_problem_subclasses_set_status_title_and_extras(client: Client) -> None:
