@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import pytest
 
 import user_svc.app
@@ -18,6 +21,16 @@ from user_svc.domain import DEMO_PASSWORD
 
 pytestmark = pytest.mark.integration
 DEMO = {"demo_data": True}
+
+
+@contextlib.asynccontextmanager
+async def alice_and_bob(run_service: ServiceStarter) -> AsyncIterator[tuple[UserHttp, str, str]]:
+    """The demo user service: a client, Alice's (admin) token, and Bob's id."""
+    service = await run_service(user_svc.app, settings=DEMO)
+    async with UserHttp(service.settings.public_url) as users:
+        alice = await users.login("alice@example.com", DEMO_PASSWORD)
+        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
+        yield users, alice, bob_id
 
 
 async def test_the_first_admin_is_created_from_settings_once_and_announced(
@@ -152,10 +165,7 @@ async def test_an_admin_changes_a_role_and_user_updated_names_only_the_role(
 async def test_a_demoted_admin_loses_admin_rights_before_their_token_expires(
     run_service: ServiceStarter,
 ) -> None:
-    service = await run_service(user_svc.app, settings=DEMO)
-    async with UserHttp(service.settings.public_url) as users:
-        alice = await users.login("alice@example.com", DEMO_PASSWORD)
-        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
+    async with alice_and_bob(run_service) as (users, alice, bob_id):
         await users.call("PUT", f"/users/{bob_id}", token=alice, json={"role": "admin"})
         bob_as_admin = await users.login("bob@example.com", DEMO_PASSWORD)
         listed_as_admin = await users.call("GET", "/users", token=bob_as_admin)
@@ -199,11 +209,7 @@ async def test_an_admin_deletes_a_user_with_204_and_user_deleted(
 async def test_a_deactivated_user_is_listed_as_inactive_and_no_longer_as_active(
     run_service: ServiceStarter,
 ) -> None:
-    service = await run_service(user_svc.app, settings=DEMO)
-    async with UserHttp(service.settings.public_url) as users:
-        alice = await users.login("alice@example.com", DEMO_PASSWORD)
-        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
-
+    async with alice_and_bob(run_service) as (users, alice, bob_id):
         deactivated = await users.call("POST", f"/users/{bob_id}/deactivate", token=alice)
         inactive = await users.call("GET", "/users?status=inactive", token=alice)
         active = await users.call("GET", "/users?status=active", token=alice)
@@ -242,12 +248,8 @@ async def test_an_admin_changes_another_users_email_and_user_updated_says_so(
     run_service: ServiceStarter, amqp: AmqpBroker, unique: str
 ) -> None:
     events = await EventLog.watch(amqp, unique)
-    service = await run_service(user_svc.app, settings=DEMO)
     new_email = f"robert.{unique}@example.com"
-    async with UserHttp(service.settings.public_url) as users:
-        alice = await users.login("alice@example.com", DEMO_PASSWORD)
-        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
-
+    async with alice_and_bob(run_service) as (users, alice, bob_id):
         changed = await users.call(
             "PUT", f"/users/{bob_id}", token=alice, json={"email": new_email.upper()}
         )
