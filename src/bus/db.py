@@ -139,10 +139,7 @@ class Database:
         async with self.engine.begin() as connection:
             if self.schema is not None:
                 # instances starting together would race on the catalogue: take turns
-                await connection.execute(
-                    text("SELECT pg_advisory_xact_lock(hashtext(:schema))"),
-                    {"schema": self.schema},
-                )
+                await advisory_xact_lock(connection, self.schema)
                 await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
             for metadata in self.metadata:
                 await connection.run_sync(metadata.create_all)
@@ -196,6 +193,19 @@ def insert_or_skip(session: AsyncConnection, table: Table) -> Any:
 @functools.cache
 def _insert_or_skip(dialect: str, table: Table) -> Any:
     return _INSERTS[dialect](table).on_conflict_do_nothing()
+
+
+async def advisory_xact_lock(session: AsyncConnection, key: str) -> None:
+    """Make other transactions that take the same ``key`` wait until this one ends.
+
+    A transaction-scoped advisory lock on PostgreSQL; nothing on SQLite, whose writers
+    already take turns (every transaction begins IMMEDIATE).
+    """
+    if dialect_of(session) == "postgresql":
+        await session.execute(_ADVISORY_LOCK, {"key": key})
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
 
 
 def dialect_of(session: AsyncConnection) -> str:

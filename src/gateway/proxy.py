@@ -67,8 +67,9 @@ class Proxy:
     ) -> None:
         """``timeout`` bounds each request up to its answer's headers (and between chunks).
 
-        GET, HEAD and OPTIONS are retried on another instance after a connection failure,
-        and so is a request with an ``Idempotency-Key`` on a ``keyed`` route.
+        A request whose connection could not be opened is sent to another instance, whatever
+        its method: it never left. One that failed after it was sent is sent again only if
+        it is GET, HEAD or OPTIONS, or has an ``Idempotency-Key`` on a ``keyed`` route.
         """
         self.balancer = balancer
         self.keyed = keyed

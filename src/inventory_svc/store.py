@@ -246,6 +246,11 @@ _WITH_LINES = (
 )
 _RESERVATION = _WITH_LINES.where(reservations.c.order_id == bindparam("order_key"))
 _RESERVATION_LOCKED = _RESERVATION.with_for_update(of=reservations)
+_DUE_LOCKED = _WITH_LINES.where(
+    reservations.c.order_id == bindparam("order_key"),
+    _holding,
+    reservations.c.created_at <= bindparam("cutoff"),
+).with_for_update(of=reservations, skip_locked=True)
 
 
 async def move_stock(
@@ -357,10 +362,7 @@ async def lock_if_due(
     ``SKIP LOCKED`` (PostgreSQL) lets two instances sweep side by side without waiting on,
     or releasing twice, the same reservation.
     """
-    query = _WITH_LINES.where(
-        reservations.c.order_id == order_id, _holding, reservations.c.created_at <= cutoff
-    ).with_for_update(of=reservations, skip_locked=True)
-    return await _load(session, query)
+    return await _load(session, _DUE_LOCKED, {"order_key": order_id, "cutoff": cutoff})
 
 
 async def _load(

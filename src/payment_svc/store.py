@@ -210,7 +210,7 @@ async def claim_payment(session: AsyncConnection, values: dict[str, Any]) -> boo
 
 
 async def update_payment(session: AsyncConnection, payment_id: str, **values: Any) -> None:
-    """Change a payment's columns: the provider's verdict, or its refunded total and status."""
+    """Change a payment's columns: its refunded total and status, say."""
     await session.execute(_UPDATE_PAYMENT, {"payment_key": payment_id, **values})
 
 

@@ -25,12 +25,11 @@ from sqlalchemy import (
     func,
     insert,
     select,
-    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.db import dialect_of, insert_for
+from bus.db import advisory_xact_lock, insert_for
 from user_svc.domain import Role, Status, User
 
 metadata = MetaData()
@@ -193,15 +192,9 @@ async def first_signing_key(session: AsyncConnection, candidate_pem: str) -> str
 
 
 async def lock_login_attempts(session: AsyncConnection, email: str) -> None:
-    """Make other transactions wait to count ``email``'s attempts until this one ends.
-
-    On PostgreSQL a transaction-scoped advisory lock on the email, so that two instances
-    cannot both see room for one more attempt and both add it. SQLite's writers already
-    take turns (every transaction begins IMMEDIATE).
-    """
-    if dialect_of(session) == "postgresql":
-        lock = text("SELECT pg_advisory_xact_lock(hashtext(:key))")
-        await session.execute(lock, {"key": f"login_attempts:{email}"})
+    """Make other transactions wait to count ``email``'s attempts until this one ends, so
+    that two instances cannot both see room for one more attempt and both add it."""
+    await advisory_xact_lock(session, f"login_attempts:{email}")
 
 
 async def login_attempt_times(
