@@ -80,7 +80,10 @@ class Service:
         api: Api | None = None,
         verifier: TokenVerifier | None = None,
         tasks: Sequence[Callable[[], Coroutine[Any, Any, None]]] = (),
+        group_commit: bool = True,
     ) -> None:
+        """``group_commit=False`` for a service whose units of work must not run twice
+        (see :meth:`Transactions.together`): each then has a transaction of its own."""
         self.settings = settings
         self.name = settings.service
         self.instance_id = f"{self.name}-{uuid.uuid4().hex[:8]}"
@@ -104,7 +107,7 @@ class Service:
             db,
             f"/microshop/{self.name}",
             self.relay.committed,
-            group_size=settings.group_commit_size,
+            group_size=settings.group_commit_size if group_commit else 1,
         )
         self.app[TRANSACTIONS] = self.transactions
         self.background = list(tasks)

@@ -41,9 +41,6 @@ def build(
     gateway: PaymentGateway | None = None,
 ) -> Service:
     """The payment service; tests may pass their own token verifier and provider gateway."""
-    # A charge or refund calls its provider inside its unit of work, and a group that rolls
-    # back runs every unit again: the provider would be called twice. No group commit here.
-    settings = settings.model_copy(update={"group_commit_size": 1})
     db = Database.from_settings(
         settings, metadata=[store.metadata], upgrades=[store.let_payments_have_no_user]
     )
@@ -60,6 +57,9 @@ def build(
         api=api,
         verifier=verifier or token_verifier(settings),
         tasks=[key_janitor(db, timedelta(hours=settings.idempotency_key_hours))],
+        # a charge or refund calls its provider inside its unit of work, and a group that
+        # rolls back runs every unit again: the provider would be called twice
+        group_commit=False,
     )
     service.app[GATEWAY] = gateway
     return service

@@ -91,3 +91,16 @@ async def test_payments_over_http_and_charge_commands_work_on_sqlite(tmp_path: P
         ("payment.failed", "card declined")
     ]
     assert listed[1]["total"] == 3  # one over HTTP, one per order: the repeat charged nothing
+
+
+def test_charges_never_share_a_transaction_as_a_rollback_would_call_the_provider_again(
+    tmp_path: Path,
+) -> None:
+    settings = app.Settings(
+        broker_url=f"memory://{uuid.uuid4().hex}",
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/payment.db",
+        group_commit_size=32,
+    )
+    service = app.build(settings, verifier=Tokens().verifier)
+
+    assert service.transactions.group_size == 1
