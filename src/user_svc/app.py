@@ -37,6 +37,7 @@ from user_svc.handlers import (
     HANDLERS,
     TokenIssuer,
     create_user,
+    forget_expired_login_attempts,
     hash_password,
     prepare_password_checks,
 )
@@ -121,9 +122,20 @@ def build(settings: Settings, **test_overrides: Any) -> Service:
         api=api,
         verifier=given_verifier or no_keys_yet,
     )
-    service.app[THROTTLE] = LoginThrottle(
+    throttle = LoginThrottle(
         max_attempts=settings.login_max_attempts, window_seconds=settings.login_window_seconds
     )
+    service.app[THROTTLE] = throttle
+
+    async def prune_login_attempts() -> None:  # off the logins' path, once a minute
+        while True:
+            await asyncio.sleep(60)
+            try:
+                await forget_expired_login_attempts(service.transactions, throttle)
+            except Exception:  # the next round may succeed; the loop must not die
+                log.exception("could not forget expired login attempts")
+
+    service.background.append(prune_login_attempts)
 
     async def start_up(app: web.Application) -> None:
         transactions = app[TRANSACTIONS]

@@ -96,7 +96,6 @@ async def begin_login_attempt(
     now = datetime.now(UTC)
     async with transactions.begin() as unit:
         await store.lock_login_attempts(unit.session, email)
-        await store.prune_login_attempts(unit.session, until=throttle.window_start(now))
         counted = await store.login_attempt_times(
             unit.session, email, after=throttle.window_start(now), limit=throttle.max_attempts
         )
@@ -104,6 +103,15 @@ async def begin_login_attempt(
         if wait is None:
             await store.add_login_attempt(unit.session, email, now)
     return wait
+
+
+async def forget_expired_login_attempts(
+    transactions: Transactions, throttle: LoginThrottle
+) -> None:
+    """Delete the attempts that have left ``throttle``'s window: they count no more."""
+    async with transactions.begin() as unit:
+        until = throttle.window_start(datetime.now(UTC))
+        await store.prune_login_attempts(unit.session, until=until)
 
 
 async def forget_login_attempts(transactions: Transactions, email: str) -> None:

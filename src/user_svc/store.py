@@ -220,19 +220,6 @@ async def forget_login_attempts(session: AsyncConnection, email: str) -> None:
     await session.execute(delete(login_attempts).where(login_attempts.c.email == email))
 
 
-async def prune_login_attempts(
-    session: AsyncConnection, *, until: datetime, batch: int = 100
-) -> None:
-    """Delete up to ``batch`` attempts made at or before ``until``, which count no more.
-
-    Rows another transaction is deleting are skipped, not waited for (on PostgreSQL), so
-    pruning never blocks a login. Each attempt adds one row and prunes up to ``batch``,
-    so expired rows cannot pile up while logins go on.
-    """
-    expired = (
-        select(login_attempts.c.id)
-        .where(login_attempts.c.attempted_at <= until)
-        .limit(batch)
-        .with_for_update(skip_locked=True)
-    )
-    await session.execute(delete(login_attempts).where(login_attempts.c.id.in_(expired)))
+async def prune_login_attempts(session: AsyncConnection, *, until: datetime) -> None:
+    """Delete the attempts made at or before ``until``, which count no more."""
+    await session.execute(delete(login_attempts).where(login_attempts.c.attempted_at <= until))
