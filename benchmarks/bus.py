@@ -160,8 +160,9 @@ async def kit_drain(
 
 
 def inbox_on(db: Database) -> Callable[[Callable[[Delivery], Awaitable[None]]], Any]:
-    """Wrap a plain handler in the inbox: one PostgreSQL transaction per message."""
-    transactions = Transactions(db, "/bench")
+    """Wrap a plain handler in the inbox: one PostgreSQL transaction per message (the
+    services group the messages that arrive together; this measures the worst case)."""
+    transactions = Transactions(db, "/bench", group_size=1)
 
     def wrap(handle: Callable[[Delivery], Awaitable[None]]) -> Any:
         async def inner(delivery: Delivery, unit: UnitOfWork) -> None:

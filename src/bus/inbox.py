@@ -50,27 +50,11 @@ async def claim(session: AsyncConnection, consumer: str, message_id: str) -> boo
 def idempotent(transactions: Transactions, consumer: str, handler: UnitHandler) -> Handler:
     """Wrap ``handler`` so each message id takes effect once for ``consumer``.
 
-    The handler gets a :class:`UnitOfWork` whose changes, outgoing messages and inbox
-    mark commit together; the broker acks only after that commit.
-    """
-
-    async def handle(delivery: Delivery) -> None:
-        async with transactions.begin(causation=delivery.envelope) as unit:
-            if not await claim(unit.session, consumer, delivery.envelope.id):
-                DUPLICATES.labels(consumer).inc()
-                log.info("duplicate message skipped", consumer=consumer)
-                return
-            await handler(delivery, unit)
-
-    return handle
-
-
-def grouped(transactions: Transactions, consumer: str, handler: UnitHandler) -> Handler:
-    """Like :func:`idempotent`, but messages that arrive together share one transaction.
-
-    Group commit (see :meth:`Transactions.together`): a handler whose group fails runs
-    again alone, so it gets its own retry or dead letter and the others commit; messages
-    are acked once their group has committed.
+    The handler gets a :class:`UnitOfWork` whose changes, outgoing messages and inbox mark
+    commit together, in a transaction shared with the messages that arrive at the same
+    moment (see :meth:`Transactions.together`); the broker acks only after that commit. A
+    handler whose group fails runs again alone, so it gets its own retry or dead letter
+    and the others commit.
     """
 
     async def handle(delivery: Delivery) -> None:

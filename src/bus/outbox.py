@@ -129,9 +129,6 @@ class UnitOfWork:
         """The messages this unit writes to the outbox, each with its kind."""
         return list(zip(self.outgoing, self._kinds, strict=True))
 
-    async def _write_outbox(self) -> None:
-        await write_outbox(self.session, self.written())
-
 
 async def write_outbox(session: AsyncConnection, messages: Committed) -> None:
     """Write ``messages`` to the outbox in one statement, in the caller's transaction."""
@@ -187,16 +184,15 @@ class Transactions:
         async with self.db.session() as session, session.begin():
             unit = UnitOfWork(session, self.source, causation)
             yield unit
-            await unit._write_outbox()
+            written = unit.written()
+            await write_outbox(session, written)
         child(UNITS_PER_TRANSACTION, self.source).observe(1)
-        self.committed(unit)
+        self._committed(written)
 
-    def committed(self, *units: UnitOfWork) -> None:
-        """``units`` committed: tell the relay what they wrote."""
-        if self.on_commit is not None:
-            written = [pair for unit in units for pair in unit.written()]
-            if written:
-                self.on_commit(written)
+    def _committed(self, written: Committed) -> None:
+        """Outbox rows committed: hand them to the relay."""
+        if written and self.on_commit is not None:
+            self.on_commit(written)
 
     async def settle(self, grace: float = 10.0) -> None:
         """Wait up to ``grace`` s for the groups at work to commit or roll back."""
@@ -223,15 +219,13 @@ class Transactions:
         is cancelled leaves its unit to the group: it commits if the group does, and is
         dropped if the group rolls back (a message then comes back, as it was not acked).
         """
-        if self.group_size <= 1:
-            async with self.begin(causation) as unit:
-                return await work(unit)
-        member = _Member(work, causation, contextvars.copy_context())
-        self._group_with_room().add(member)
-        outcome = await asyncio.shield(member.outcome)
-        if outcome is not _ALONE:
-            return cast(T, outcome)
-        async with self.begin(causation) as unit:  # with an outcome of its own
+        if self.group_size > 1:
+            member = _Member(work, causation, contextvars.copy_context())
+            self._group_with_room().add(member)
+            outcome = await asyncio.shield(member.outcome)
+            if outcome is not _ALONE:
+                return cast(T, outcome)
+        async with self.begin(causation) as unit:  # alone, with an outcome of its own
             return await work(unit)
 
     def _group_with_room(self) -> _Group:
@@ -264,7 +258,8 @@ class Transactions:
                         raise _RollBack from None  # this unit and every other: again, alone
                     done.append((member, unit, result))
                 group.closed = True  # what arrives from now on starts the next group
-                await write_outbox(session, [m for _, unit, _ in done for m in unit.written()])
+                written = [message for _, unit, _ in done for message in unit.written()]
+                await write_outbox(session, written)
         except _RollBack:
             log.info("group commit rolled back; each unit runs alone", size=len(group.everyone))
             for member in group.everyone:
@@ -280,7 +275,7 @@ class Transactions:
         for member, _, result in done:
             member.outcome.set_result(result)
         child(UNITS_PER_TRANSACTION, self.source).observe(len(done))
-        self.committed(*(unit for _, unit, _ in done))
+        self._committed(written)
 
     def _ended(self, group: _Group, task: asyncio.Task[None]) -> None:
         """However the group's task ended (cancelled, even before it began), no caller is

@@ -25,7 +25,7 @@ from bus.auth import TokenVerifier
 from bus.broker import Broker, BrokerUnavailable, Consumer, Delivery, Reject, Unroutable
 from bus.db import Database
 from bus.envelope import Envelope, Message, MessageRegistry
-from bus.inbox import UnitHandler, grouped, prune
+from bus.inbox import UnitHandler, idempotent, prune
 from bus.memory import MemoryBroker
 from bus.messages import ServiceHeartbeat, ServiceStopped
 from bus.observability import configure_logging, configure_tracing
@@ -129,7 +129,7 @@ class Service:
         await self.db.create_all()
         self.relay.start()
         if self.handlers:
-            dispatch = grouped(self.transactions, self.name, self._dispatch)
+            dispatch = idempotent(self.transactions, self.name, self._dispatch)
             # a connection closed under us while declaring (a broker restart, an operator's
             # close_all_connections) is worth a few more tries before giving up the start
             self._consumer = await retry_call(

@@ -13,7 +13,7 @@ from bus.amqp import AmqpBroker
 from bus.broker import BrokerUnavailable, Delivery
 from bus.db import Database
 from bus.envelope import Envelope, Event, MessageRegistry
-from bus.inbox import DUPLICATES, grouped, idempotent
+from bus.inbox import DUPLICATES, idempotent
 from bus.outbox import OutboxRelay, Transactions, UnitOfWork
 from tests.conftest import RabbitAdmin
 from tests.integration.tables import effects
@@ -181,7 +181,7 @@ async def test_a_slow_handler_holds_back_no_other_ack(amqp: AmqpBroker, unique: 
     assert await back_in_queue() == 1, "only the unfinished message is back"
 
 
-async def test_grouped_handlers_that_deadlock_on_postgres_each_commit_once(
+async def test_handlers_grouped_in_transactions_that_deadlock_on_postgres_each_commit_once(
     postgres: Database,
 ) -> None:
     # two groups side by side lock the same two rows in opposite orders: PostgreSQL breaks
@@ -201,7 +201,7 @@ async def test_grouped_handlers_that_deadlock_on_postgres_each_commit_once(
         await unit.session.execute(insert(effects).values(name=f"done {order}"))
 
     # two to a group: "AB" and "-" fill the first, "BA" starts the second
-    handle = grouped(Transactions(postgres, "/tests", group_size=2), "deadlock", lock_both)
+    handle = idempotent(Transactions(postgres, "/tests", group_size=2), "deadlock", lock_both)
     messages = [ThingMade(name=order) for order in ("AB", "-", "BA")]
     deliveries = [Delivery(Envelope.wrap(m, source="/tests"), m, "q", 1) for m in messages]
 

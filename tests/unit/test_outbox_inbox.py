@@ -13,7 +13,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, in
 from bus.broker import Delivery
 from bus.db import Database
 from bus.envelope import Command, Envelope, Event, MessageRegistry
-from bus.inbox import DUPLICATES, grouped, idempotent, inbox_table
+from bus.inbox import DUPLICATES, idempotent, inbox_table
 from bus.memory import MemoryBroker
 from bus.observability import EVENTS_UNHEARD, UNITS_PER_TRANSACTION
 from bus.outbox import Committed, OutboxRelay, Transactions, UnitOfWork, outbox_table
@@ -285,7 +285,8 @@ async def test_idempotent_handler_takes_effect_once_per_message(
 
 
 async def test_failed_handler_leaves_no_inbox_mark_so_the_retry_runs(db: Database) -> None:
-    transactions = Transactions(db, "/tests")
+    # each message alone: in a group, a failed handler also runs once more by itself
+    transactions = Transactions(db, "/tests", group_size=1)
     calls: list[int] = []
 
     async def flaky(delivery: Delivery, unit: UnitOfWork) -> None:
@@ -340,7 +341,7 @@ async def test_messages_that_arrive_together_commit_in_one_transaction(db: Datab
     handed: list[Committed] = []
     transactions = Transactions(db, "/tests", on_commit=handed.append)
     record = Recorder()
-    handle = grouped(transactions, "things", record)
+    handle = idempotent(transactions, "things", record)
     sizes = UNITS_PER_TRANSACTION.labels("/tests")
     before = sizes._sum.get()
     committed = commits(db)
@@ -359,7 +360,7 @@ async def test_messages_that_arrive_together_commit_in_one_transaction(db: Datab
 
 async def test_each_message_of_a_group_causes_its_own_messages(db: Database) -> None:
     transactions = Transactions(db, "/tests")
-    handle = grouped(transactions, "things", Recorder())
+    handle = idempotent(transactions, "things", Recorder())
     sent = [delivery(str(n)) for n in range(3)]
 
     await asyncio.gather(*(handle(d) for d in sent))
@@ -378,7 +379,7 @@ async def test_a_failing_message_rolls_back_its_group_and_the_rest_commit_alone(
 ) -> None:
     transactions = Transactions(db, "/tests")
     record = Recorder(fail={"bad"})
-    handle = grouped(transactions, "things", record)
+    handle = idempotent(transactions, "things", record)
     names = ["a", "bad", "b", "c"]
 
     results = await asyncio.gather(*(handle(delivery(n)) for n in names), return_exceptions=True)
@@ -396,7 +397,7 @@ async def test_a_failing_message_rolls_back_its_group_and_the_rest_commit_alone(
 async def test_a_message_twice_in_one_group_takes_effect_once(db: Database) -> None:
     transactions = Transactions(db, "/tests")
     record = Recorder()
-    handle = grouped(transactions, "things", record)
+    handle = idempotent(transactions, "things", record)
     first = delivery("twice")
     duplicates = DUPLICATES.labels("things")
     before = duplicates._value.get()
@@ -418,7 +419,7 @@ async def test_a_group_takes_at_most_group_size_messages(
     db: Database, group_size: int, messages: int, transactions_committed: int
 ) -> None:
     transactions = Transactions(db, "/tests", group_size=group_size)
-    handle = grouped(transactions, "things", Recorder())
+    handle = idempotent(transactions, "things", Recorder())
     committed = commits(db)
 
     await asyncio.gather(*(handle(delivery(str(n))) for n in range(messages)))
@@ -430,7 +431,7 @@ async def test_a_group_takes_at_most_group_size_messages(
 async def test_a_caller_that_leaves_leaves_its_unit_to_the_group(db: Database) -> None:
     transactions = Transactions(db, "/tests")
     record = Recorder()
-    handle = grouped(transactions, "things", record)
+    handle = idempotent(transactions, "things", record)
     first = asyncio.create_task(handle(delivery("left")))
     others = [asyncio.create_task(handle(delivery(str(n)))) for n in range(3)]
     await asyncio.sleep(0)
@@ -454,7 +455,7 @@ async def test_when_the_database_fails_every_unit_of_the_group_gets_the_error(
     monkeypatch.setattr("bus.outbox.write_outbox", broken)
     transactions = Transactions(db, "/tests")
     record = Recorder()
-    handle = grouped(transactions, "things", record)
+    handle = idempotent(transactions, "things", record)
 
     results = await asyncio.gather(
         *(handle(delivery(str(n))) for n in range(3)), return_exceptions=True
@@ -502,7 +503,7 @@ async def test_callers_learn_their_units_committed_even_if_telling_the_relay_fai
         raise RuntimeError("relay gone")
 
     transactions = Transactions(db, "/tests", on_commit=broken_relay)
-    handle = grouped(transactions, "things", Recorder())
+    handle = idempotent(transactions, "things", Recorder())
 
     await asyncio.wait_for(asyncio.gather(*(handle(delivery(str(n))) for n in range(3))), 5)
 
@@ -514,7 +515,7 @@ async def test_a_group_cancelled_before_it_began_leaves_no_caller_waiting(
     db: Database,
 ) -> None:
     transactions = Transactions(db, "/tests")
-    handle = grouped(transactions, "things", Recorder())
+    handle = idempotent(transactions, "things", Recorder())
     waiting = asyncio.create_task(handle(delivery("stranded")))
     await asyncio.sleep(0)
     for group in list(transactions._running):  # the loop shutting down, say
