@@ -7,9 +7,10 @@ one database) and in a file of its own on SQLite. Tables are declared without a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,17 @@ class Database:
         (two round trips saved). Reads that must agree with each other use :meth:`session`.
         """
         return self._reads.connect()
+
+    @contextlib.asynccontextmanager
+    async def one_statement_each(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for writes that each stand alone: on PostgreSQL each statement
+        commits as it runs (no BEGIN, no COMMIT); on SQLite they share one transaction."""
+        if self.is_postgres:
+            async with self._reads.connect() as session:
+                yield session
+        else:
+            async with self.session() as session, session.begin():
+                yield session
 
     def session(self) -> AsyncConnection:
         """A connection from the pool; use ``async with db.session() as s, s.begin(): ...``.

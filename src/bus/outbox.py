@@ -325,6 +325,15 @@ class _Group:
         self.waiting.append(member)
 
 
+@dataclass(slots=True)
+class _Sent:
+    """What one publish round came to: rows done with, rows to try again, confirms."""
+
+    confirmed: int
+    done: list[str] = field(default_factory=list)  # message ids
+    failed: list[tuple[str, int, BaseException]] = field(default_factory=list)
+
+
 class OutboxRelay:
     """Publishes outbox rows with confirms and marks them sent.
 
@@ -398,7 +407,7 @@ class OutboxRelay:
         sent = 0
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(grace):
-                while (batch := await self.publish_pending(fresh_seconds=0)) > 0:
+                while (batch := await self.publish_pending()) > 0:
                     sent += batch
         return sent
 
@@ -445,44 +454,11 @@ class OutboxRelay:
         # a row that waited here half as long as the poll leaves rows alone may be the
         # poll's by the time it goes out: leave it to the poll rather than send it twice
         young = time.monotonic() - self.fresh_seconds / 2
-        batch = [(envelope, kind) for envelope, kind, at in taken if at >= young]
-        if not batch:
-            return
-        results = await self.broker.publish_many([envelope for envelope, _ in batch])
-        done, failed = [], []
-        for (envelope, kind), error in zip(batch, results, strict=True):
-            if self._settled(envelope, kind, error):
-                done.append(envelope.id)
-            else:
-                failed.append((envelope.id, error))
-        now = _now()
-        async with self._autocommit() as session:
-            if done:
-                await session.execute(_MARK_PUBLISHED, {"published_at": now, "message_ids": done})
-            for message_id, error in failed:
-                where = outbox_table.c.message_id == message_id
-                await session.execute(self._postpone(where, message_id, 0, error, now))
-        child(OUTBOX_PUBLISHED, self.service).inc(sum(error is None for error in results))
-
-    def _settled(self, envelope: Envelope, kind: str, error: BaseException | None) -> bool:
-        """True when the row is done: confirmed, or an event nobody subscribes to."""
-        if error is None:
-            return True
-        if isinstance(error, Unroutable) and kind == "event":
-            # an event nobody subscribes to is done, not failed; a command is not
-            child(EVENTS_UNHEARD, self.service, envelope.type).inc()
-            return True
-        return False
-
-    @contextlib.asynccontextmanager
-    async def _autocommit(self) -> AsyncIterator[AsyncConnection]:
-        # one statement needs no transaction of its own on PostgreSQL: no BEGIN, no COMMIT
-        if self.db.is_postgres:
-            async with self.db.reading() as session:
-                yield session
-        else:
-            async with self.db.session() as session, session.begin():
-                yield session
+        batch = [(envelope, kind, 0) for envelope, kind, at in taken if at >= young]
+        if batch:
+            sent = await self._publish(batch)
+            async with self.db.one_statement_each() as session:
+                await self._record(session, sent)
 
     async def publish_pending(
         self, fresh_seconds: float = 0.0, written_before: datetime | None = None
@@ -499,7 +475,7 @@ class OutboxRelay:
         cutoff = written_before or now - timedelta(seconds=fresh_seconds)
         waited = table.c.next_attempt_at.is_(None) & (table.c.created_at <= cutoff)
         due = _pending & (waited | (table.c.next_attempt_at <= now))
-        query = select(table.c.id, table.c.kind, table.c.body, table.c.attempts).where(due)
+        query = select(table.c.kind, table.c.body, table.c.attempts).where(due)
         query = query.order_by(table.c.id).limit(self.batch_size)
         if self.db.is_postgres:
             query = query.with_for_update(skip_locked=True)
@@ -507,36 +483,50 @@ class OutboxRelay:
             rows = (await session.execute(query)).all()
             if not rows:
                 return 0
-            envelopes = [Envelope.from_json(row.body) for row in rows]
-            results = await self.broker.publish_many(envelopes)
-            done, failed = [], []
-            for row, envelope, error in zip(rows, envelopes, results, strict=True):
-                if self._settled(envelope, row.kind, error):
-                    done.append(row.id)
-                else:
-                    failed.append((row, error))
-            if done:
-                await session.execute(
-                    update(table).where(table.c.id.in_(done)).values(published_at=now)
-                )
-            for row, error in failed:
-                where = table.c.id == row.id
-                await session.execute(self._postpone(where, row.id, row.attempts, error, now))
-        child(OUTBOX_PUBLISHED, self.service).inc(sum(error is None for error in results))
-        return len(done)
+            batch = [(Envelope.from_json(row.body), row.kind, row.attempts) for row in rows]
+            sent = await self._publish(batch)
+            return await self._record(session, sent)
 
-    def _postpone(
-        self, where: Any, row: object, attempts: int, error: BaseException | None, now: datetime
-    ) -> Any:
+    async def _publish(self, batch: list[tuple[Envelope, str, int]]) -> _Sent:
+        """Publish ``(envelope, kind, attempts so far)``; sort out which rows are done."""
+        results = await self.broker.publish_many([envelope for envelope, _, _ in batch])
+        sent = _Sent(confirmed=sum(error is None for error in results))
+        for (envelope, kind, attempts), error in zip(batch, results, strict=True):
+            if error is None:
+                sent.done.append(envelope.id)
+            elif isinstance(error, Unroutable) and kind == "event":
+                # an event nobody subscribes to is done, not failed; a command is not
+                child(EVENTS_UNHEARD, self.service, envelope.type).inc()
+                sent.done.append(envelope.id)
+            else:
+                sent.failed.append((envelope.id, attempts, error))
+        return sent
+
+    async def _record(self, session: AsyncConnection, sent: _Sent) -> int:
+        """Mark the rows that are done, postpone the others; how many are done."""
+        now = _now()
+        if sent.done:
+            await session.execute(_MARK_PUBLISHED, {"published_at": now, "message_ids": sent.done})
+        for message_id, attempts, error in sent.failed:
+            await session.execute(self._postpone(message_id, attempts, error, now))
+        child(OUTBOX_PUBLISHED, self.service).inc(sent.confirmed)
+        return len(sent.done)
+
+    def _postpone(self, message_id: str, attempts: int, error: BaseException, now: datetime) -> Any:
         attempts += 1
         values: dict[str, Any] = {"attempts": attempts, "last_error": f"{error}"[:1000]}
         # a broker outage is waited out; a command whose owner never binds is given up on
         if isinstance(error, Unroutable) and attempts >= self.max_attempts:
             values["failed_at"] = now
-            log.error("outbox command unroutable; giving up", row=row, error=str(error))
+            log.error(
+                "outbox command unroutable; giving up", message_id=message_id, error=str(error)
+            )
         else:
             values["next_attempt_at"] = now + timedelta(seconds=min(0.5 * 2**attempts, 60.0))
-            log.warning("outbox publish failed; will retry", row=row, error=str(error))
+            log.warning(
+                "outbox publish failed; will retry", message_id=message_id, error=str(error)
+            )
+        where = outbox_table.c.message_id == message_id
         return update(outbox_table).where(where).values(**values)
 
     async def backlog(self) -> int:
