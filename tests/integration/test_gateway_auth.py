@@ -7,11 +7,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 import inventory_svc.app
-from bus.auth import SigningKey, TokenVerifier
 from tests.conftest import RabbitAdmin
 from tests.integration.conftest import ServiceStarter
 from tests.integration.test_gateway_support import Caller, Gateways
-from tests.support import AUDIENCE, ISSUER, eventually, refused_tokens
+from tests.support import Tokens, eventually, refused_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +24,8 @@ async def gateways(rabbit: RabbitAdmin, unique: str) -> AsyncIterator[Gateways]:
 async def test_missing_expired_tampered_and_alg_none_tokens_get_401_at_the_edge(
     gateways: Gateways, run_service: ServiceStarter, unique: str
 ) -> None:
-    key = SigningKey.generate()
-    verifier = TokenVerifier.from_jwks(key.jwks(), issuer=ISSUER, audience=AUDIENCE)
+    tokens = Tokens()
+    verifier = tokens.verifier
     gateway = await gateways.start(verifier=verifier)
     await run_service(
         inventory_svc.app,
@@ -37,7 +36,7 @@ async def test_missing_expired_tampered_and_alg_none_tokens_get_401_at_the_edge(
     (instance,) = gateway.registry.rotation("inventory")
 
     async with Caller(gateway.settings.public_url) as caller:
-        for why, token in refused_tokens(key).items():
+        for why, token in refused_tokens(tokens.key).items():
             answer = await caller.call("GET", "/inventory", token=token)
             assert answer.status == 401, (why, answer.body)
             assert answer.headers["Content-Type"] == "application/problem+json", why
@@ -45,7 +44,7 @@ async def test_missing_expired_tampered_and_alg_none_tokens_get_401_at_the_edge(
             assert "Traceback" not in answer.raw.decode(), why
         assert instance.requests == 0  # none of them got past the edge
 
-        admin = key.mint(subject="u-2", role="admin", issuer=ISSUER, audience=AUDIENCE)
+        admin = tokens.mint("u-2", "admin")
         assert (await caller.call("GET", "/inventory", token=admin)).status == 200
         assert (await caller.call("GET", "/products")).status == 200  # public, no token
         assert instance.requests == 2

@@ -18,12 +18,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from bus.auth import SigningKey, TokenVerifier
 from gateway.app import Gateway
 from tests.conftest import RabbitAdmin
 from tests.integration.service_http import Answer
 from tests.integration.test_gateway_support import Caller, Gateways
-from tests.support import AUDIENCE, ISSUER, eventually, free_port
+from tests.support import Tokens, eventually, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -129,9 +128,9 @@ async def gateways(rabbit: RabbitAdmin, unique: str) -> AsyncIterator[Gateways]:
         yield started
 
 
-KEY = SigningKey.generate()
-VERIFIER = TokenVerifier.from_jwks(KEY.jwks(), issuer=ISSUER, audience=AUDIENCE)
-TOKEN = KEY.mint(subject="u-1", role="user", issuer=ISSUER, audience=AUDIENCE)
+TOKENS = Tokens()
+VERIFIER = TOKENS.verifier
+TOKEN = TOKENS.mint("u-1")
 
 
 async def gateway_before(upstream: Upstream, gateways: Gateways, **settings: Any) -> Gateway:

@@ -15,13 +15,12 @@ import aiohttp
 
 import inventory_svc.app
 from bus.amqp import AmqpBroker
-from bus.auth import SigningKey, TokenVerifier
 from bus.broker import Delivery
 from bus.envelope import Envelope, Message, MessageRegistry
 from bus.service import Service
 from inventory_svc.messages import COMMANDS, EVENTS
 from tests.integration.conftest import ServiceStarter
-from tests.support import AUDIENCE, ISSUER, eventually
+from tests.support import Tokens, eventually
 
 EVERYTHING_INVENTORY_SAYS = MessageRegistry([*COMMANDS, *EVENTS])
 
@@ -45,7 +44,7 @@ class Inventory:
         # our commands too, and the envelope's source tells their answers from ours.
         self.settings = {"service": f"inventory-{unique}", **settings}
         self.source = f"/microshop/{self.settings['service']}"
-        self.key = SigningKey.generate()
+        self.tokens = Tokens()
         self.published: list[Envelope] = []
         self._ids = itertools.count(1)
         self.service: Service | None = None
@@ -67,9 +66,8 @@ class Inventory:
 
     async def start(self) -> None:
         """Start (or start again) the service on the same queue and schema."""
-        verifier = TokenVerifier.from_jwks(self.key.jwks(), issuer=ISSUER, audience=AUDIENCE)
         self.service = await self._run_service(
-            inventory_svc.app, settings=self.settings, verifier=verifier
+            inventory_svc.app, settings=self.settings, verifier=self.tokens.verifier
         )
 
     async def restart(self) -> None:
@@ -86,7 +84,7 @@ class Inventory:
 
     def token(self, role: str) -> str:
         """A bearer token for a user with ``role``."""
-        return self.key.mint(subject=f"{role}-user", role=role, issuer=ISSUER, audience=AUDIENCE)
+        return self.tokens.mint(f"{role}-user", role)
 
     async def call(
         self, method: str, path: str, *, role: str | None = "admin", json: Any = None

@@ -224,11 +224,8 @@ async def test_a_deactivated_user_is_listed_as_inactive_and_no_longer_as_active(
 async def test_a_manager_can_neither_activate_nor_deactivate_a_user(
     run_service: ServiceStarter,
 ) -> None:
-    service = await run_service(user_svc.app, settings=DEMO)
-    async with UserHttp(service.settings.public_url) as users:
-        alice = await users.login("alice@example.com", DEMO_PASSWORD)
+    async with alice_and_bob(run_service) as (users, alice, bob_id):
         carol = await users.login("carol@example.com", DEMO_PASSWORD)
-        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
         await users.call("POST", f"/users/{bob_id}/deactivate", token=alice)
 
         refused = [

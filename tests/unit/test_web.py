@@ -219,9 +219,10 @@ async def test_valid_body_reaches_the_handler_as_a_model(client: Client) -> None
     assert await response.json() == {"user_id": "a@example.com", "balance": "1.50"}
 
 
-async def test_unhandled_exception_is_a_500_that_hides_the_text(client: Client) -> None:
+@pytest.mark.parametrize("path", ["/boom", "/db-refused"])  # any error, a database's too
+async def test_unhandled_exception_is_a_500_that_hides_the_text(client: Client, path: str) -> None:
     with structlog.testing.capture_logs() as logs:
-        response = await client.get("/boom")
+        response = await client.get(path)
     body = await problem(response, 500)
     assert body["detail"] == "internal error"
     text = await response.text()
@@ -244,15 +245,6 @@ async def test_database_trouble_worth_retrying_is_a_503_to_try_again(
     body = await problem(response, 503)
     assert body["detail"] == detail
     assert response.headers["Retry-After"] == "1"
-
-
-async def test_any_other_database_error_is_a_500_problem_that_tells_nothing(
-    client: Client,
-) -> None:
-    response = await client.get("/db-refused")
-    body = await problem(response, 500)
-    assert body["detail"] == "internal error"
-    assert "hunter2" not in await response.text()
 
 
 async def test_http_problem_subclasses_set_status_title_and_extras(client: Client) -> None:
