@@ -21,6 +21,7 @@ import statistics
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from benchmarks import record, stamp
 from bus.db import Database
 from bus.service import run as run_loop
 from order_svc import store
+from order_svc.domain import SagaStep
 
 RESULTS = Path(__file__).parent / "results" / "statements.json"
 ORDER = "bench-order"
@@ -47,7 +49,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     db = Database(url, schema=schema, metadata=[store.metadata])
     await db.create_all()
     at = store.now()
-    values = {"saga_step": None, "step_deadline": None, "step_attempts": 0}
     order = {
         "id": ORDER,
         "user_id": "bench",
@@ -60,20 +61,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "created_at": at,
         "updated_at": at,
         "refund_requested": False,
+        "saga_step": SagaStep.COMMIT,
+        "step_attempts": 1,
     }
     core: list[float] = []
     driver: list[float] = []
     try:
         async with db.session() as session, session.begin():
-            await session.execute(store._INSERT_ORDER, order)
+            await store.insert_order(session, order, [("widget", 1, Decimal("9.99"))])
+        # what store.end_step sends, written out for asyncpg
         sql = (
             f'UPDATE "{schema}".orders SET saga_step = $1, step_deadline = $2, '
             "step_attempts = $3, updated_at = $4 WHERE orders.id = $5 AND orders.saga_step = $6"
         )
-        params = {"order_key": ORDER, "step": "commit", "updated_at": at, **values}
         for _ in range(args.rounds):
             async with db.session() as session, session.begin():
-                through_core = functools.partial(session.execute, store._END_STEP, params)
+                through_core = functools.partial(store.end_step, session, ORDER, SagaStep.COMMIT)
                 core.append(await cpu_per_call(args.statements, through_core))
                 asyncpg = (await session.get_raw_connection()).driver_connection
                 assert asyncpg is not None
