@@ -1,4 +1,5 @@
-"""CPU a statement costs through SQLAlchemy Core and through asyncpg alone, on PostgreSQL.
+"""CPU a statement costs through SQLAlchemy Core, as a bus.prepared statement, and through
+asyncpg alone, on PostgreSQL.
 
 The saga's steps are a few small statements each, and at full speed what an order costs
 is mostly what its round trips cost. This runs one of them (the order service's "end the
@@ -64,8 +65,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "saga_step": SagaStep.COMMIT,
         "step_attempts": 1,
     }
-    core: list[float] = []
-    driver: list[float] = []
+    ways: dict[str, list[float]] = {"sqlalchemy core": [], "prepared": [], "asyncpg": []}
     try:
         async with db.session() as session, session.begin():
             await store.insert_order(session, order, [("widget", 1, Decimal("9.99"))])
@@ -74,14 +74,25 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             f'UPDATE "{schema}".orders SET saga_step = $1, step_deadline = $2, '
             "step_attempts = $3, updated_at = $4 WHERE orders.id = $5 AND orders.saga_step = $6"
         )
+        ended = {"saga_step": None, "step_deadline": None, "step_attempts": 0, "updated_at": at}
+        params = {"order_key": ORDER, "step": SagaStep.COMMIT, **ended}
         for _ in range(args.rounds):
             async with db.session() as session, session.begin():
-                through_core = functools.partial(store.end_step, session, ORDER, SagaStep.COMMIT)
-                core.append(await cpu_per_call(args.statements, through_core))
                 asyncpg = (await session.get_raw_connection()).driver_connection
                 assert asyncpg is not None
-                alone = functools.partial(asyncpg.execute, sql, None, None, 0, at, ORDER, "commit")
-                driver.append(await cpu_per_call(args.statements, alone))
+                calls: dict[str, Callable[[], Awaitable[Any]]] = {
+                    # the same statement through SQLAlchemy's execute
+                    "sqlalchemy core": functools.partial(
+                        session.execute, store._END_STEP.statement, params
+                    ),
+                    # as the services send it (bus.prepared)
+                    "prepared": functools.partial(store.end_step, session, ORDER, SagaStep.COMMIT),
+                    "asyncpg": functools.partial(
+                        asyncpg.execute, sql, None, None, 0, at, ORDER, "commit"
+                    ),
+                }
+                for way, call in calls.items():
+                    ways[way].append(await cpu_per_call(args.statements, call))
     finally:
         await db.drop_schema()
         await db.close()
@@ -90,18 +101,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "statements_per_round": args.statements,
         "rounds": args.rounds,
         "median_cpu_us_per_statement": {
-            "sqlalchemy core": round(statistics.median(core), 1),
-            "asyncpg": round(statistics.median(driver), 1),
+            way: round(statistics.median(values), 1) for way, values in ways.items()
         },
         "all_cpu_us_per_statement": {
-            "sqlalchemy core": [round(v, 1) for v in core],
-            "asyncpg": [round(v, 1) for v in driver],
+            way: [round(v, 1) for v in values] for way, values in ways.items()
         },
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="CPU a statement costs, two ways")
+    parser = argparse.ArgumentParser(description="CPU a statement costs, three ways")
     parser.add_argument("--statements", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
     result = run_loop(run(parser.parse_args()))

@@ -8,7 +8,6 @@ one database) and in a file of its own on SQLite. Tables are declared without a 
 from __future__ import annotations
 
 import contextlib
-import functools
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
@@ -190,21 +189,6 @@ def insert_for(session: AsyncConnection, table: Table) -> Any:
     for that transaction, so of two concurrent inserts exactly one wins.
     """
     return _INSERTS[dialect_of(session)](table)
-
-
-def insert_or_skip(session: AsyncConnection, table: Table) -> Any:
-    """``INSERT ... ON CONFLICT DO NOTHING`` into ``table``, its values given as parameters.
-
-    Built once per database kind and table: building a statement costs SQLAlchemy more
-    than running it. A row that clashes on a unique key is skipped (``rowcount`` 0); on
-    PostgreSQL a clash with an uncommitted row waits for its transaction first.
-    """
-    return _insert_or_skip(dialect_of(session), table)
-
-
-@functools.cache
-def _insert_or_skip(dialect: str, table: Table) -> Any:
-    return _INSERTS[dialect](table).on_conflict_do_nothing()
 
 
 async def advisory_xact_lock(session: AsyncConnection, key: str) -> None:

@@ -16,8 +16,9 @@ from sqlalchemy import Column, DateTime, String, Table, delete
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery, Handler
-from bus.db import BUS_METADATA, insert_or_skip
+from bus.db import BUS_METADATA
 from bus.outbox import Transactions, UnitOfWork
+from bus.prepared import insert_or_skip
 
 log = structlog.get_logger("bus.inbox")
 
@@ -33,6 +34,8 @@ inbox_table = Table(
     Column("processed_at", DateTime(timezone=True), nullable=False, index=True),
 )
 
+_CLAIM = insert_or_skip(inbox_table)
+
 UnitHandler = Callable[[Delivery, UnitOfWork], Awaitable[None]]
 
 
@@ -43,8 +46,7 @@ async def claim(session: AsyncConnection, consumer: str, message_id: str) -> boo
     PostgreSQL a concurrent copy waits on the key until the first commits.
     """
     row = {"consumer": consumer, "message_id": message_id, "processed_at": datetime.now(UTC)}
-    result = await session.execute(insert_or_skip(session, inbox_table), row)
-    return bool(result.rowcount)
+    return bool(await _CLAIM.run(session, row))
 
 
 def idempotent(transactions: Transactions, consumer: str, handler: UnitHandler) -> Handler:

@@ -57,6 +57,7 @@ from bus.observability import (
     child,
     current_traceparent,
 )
+from bus.prepared import Prepared
 
 log = structlog.get_logger("bus.outbox")
 
@@ -80,7 +81,7 @@ Index("outbox_pending", outbox_table.c.id, postgresql_where=_pending, sqlite_whe
 
 
 # built once: building a statement costs more than sending it
-_INSERT = insert(outbox_table)
+_INSERT = Prepared(insert(outbox_table))
 _MARK_PUBLISHED = (
     update(outbox_table)
     .where(outbox_table.c.message_id.in_(bindparam("message_ids", expanding=True)))
@@ -135,8 +136,8 @@ async def write_outbox(session: AsyncConnection, messages: Committed) -> None:
     if not messages:
         return
     now = _now()
-    await session.execute(
-        _INSERT,
+    await _INSERT.run_many(
+        session,
         [
             {
                 "message_id": e.id,

@@ -32,7 +32,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.db import insert_or_skip
+from bus import prepared
+from bus.db import insert_for
+from bus.prepared import Prepared
 from inventory_svc.domain import ReservationStatus, StockDelta
 
 metadata = MetaData()
@@ -162,7 +164,8 @@ async def add_product(
     """Insert a product; ``None`` when the id is taken."""
     values = {"id": product_id, "name": name, "price": price, "stock": stock}
     values |= {"reserved": 0, "sold": 0, "created_at": now, "updated_at": now}
-    statement = insert_or_skip(session, products).values(values).returning(*_PRODUCT)
+    statement = insert_for(session, products).on_conflict_do_nothing()
+    statement = statement.values(values).returning(*_PRODUCT)
     row = (await session.execute(statement)).first()
     return Product(**row._mapping) if row is not None else None
 
@@ -207,9 +210,9 @@ async def rename_or_reprice(
     return Product(**row._mapping) if row is not None else None
 
 
-# What every reservation runs, built once: building a statement costs SQLAlchemy more
-# than running it. Each takes its values as parameters.
-_MOVE_STOCK = (
+# What every reservation runs, built once and sent by asyncpg on PostgreSQL
+# (bus.prepared). Each takes its values as parameters.
+_MOVE_STOCK = Prepared(
     update(products)
     .where(products.c.id == bindparam("product_key"))
     .values(
@@ -220,7 +223,7 @@ _MOVE_STOCK = (
     )
     .returning(*_PRODUCT)
 )
-_HOLD_UNITS = (
+_HOLD_UNITS = Prepared(
     update(products)
     .where(
         products.c.id == bindparam("product_key"),
@@ -229,8 +232,11 @@ _HOLD_UNITS = (
     .values(reserved=products.c.reserved + bindparam("quantity"))
     .returning(products.c.price)
 )
-_UPDATE_RESERVATION = update(reservations).where(reservations.c.order_id == bindparam("order_key"))
-_INSERT_LINES = insert(reservation_lines)
+_UPDATE_RESERVATION = Prepared(
+    update(reservations).where(reservations.c.order_id == bindparam("order_key"))
+)
+_INSERT_LINES = Prepared(insert(reservation_lines))
+_CLAIM_RESERVATION = prepared.insert_or_skip(reservations)
 # a reservation with its lines, one row per line (one row with empty line columns when it
 # has none): one round trip; FOR UPDATE locks the reservation, not its lines
 _WITH_LINES = (
@@ -245,12 +251,15 @@ _WITH_LINES = (
     .order_by(reservation_lines.c.product_id)
 )
 _RESERVATION = _WITH_LINES.where(reservations.c.order_id == bindparam("order_key"))
-_RESERVATION_LOCKED = _RESERVATION.with_for_update(of=reservations)
-_DUE_LOCKED = _WITH_LINES.where(
-    reservations.c.order_id == bindparam("order_key"),
-    _holding,
-    reservations.c.created_at <= bindparam("cutoff"),
-).with_for_update(of=reservations, skip_locked=True)
+_RESERVATION_UNLOCKED = Prepared(_RESERVATION)
+_RESERVATION_LOCKED = Prepared(_RESERVATION.with_for_update(of=reservations))
+_DUE_LOCKED = Prepared(
+    _WITH_LINES.where(
+        reservations.c.order_id == bindparam("order_key"),
+        _holding,
+        reservations.c.created_at <= bindparam("cutoff"),
+    ).with_for_update(of=reservations, skip_locked=True)
+)
 
 
 async def move_stock(
@@ -264,8 +273,8 @@ async def move_stock(
         "sold_delta": delta.sold,
         "now": now,
     }
-    row = (await session.execute(_MOVE_STOCK, changes)).first()
-    return Product(**row._mapping) if row is not None else None
+    rows = await _MOVE_STOCK.rows(session, changes)
+    return Product(**rows[0]) if rows else None
 
 
 async def hold_units(session: AsyncConnection, product_id: str, quantity: int) -> Decimal | None:
@@ -274,8 +283,8 @@ async def hold_units(session: AsyncConnection, product_id: str, quantity: int) -
     The guard sits in the UPDATE itself: on PostgreSQL a concurrent reservation of the
     same row waits for ours to commit and then re-checks it, so the last unit goes once.
     """
-    held = {"product_key": product_id, "quantity": quantity}
-    price: Decimal | None = (await session.execute(_HOLD_UNITS, held)).scalar()
+    rows = await _HOLD_UNITS.rows(session, {"product_key": product_id, "quantity": quantity})
+    price: Decimal | None = rows[0]["price"] if rows else None
     return price
 
 
@@ -308,8 +317,7 @@ async def claim_reservation(
         "created_at": now,
         "updated_at": now,
     }
-    result = await session.execute(insert_or_skip(session, reservations), row)
-    return bool(result.rowcount)
+    return bool(await _CLAIM_RESERVATION.run(session, row))
 
 
 async def update_reservation(
@@ -328,18 +336,17 @@ async def update_reservation(
         values["total"] = total
     if reason is not None:
         values["reason"] = reason
-    await session.execute(_UPDATE_RESERVATION, {"order_key": order_id, **values})
-    if lines:
-        await session.execute(
-            _INSERT_LINES, [{"order_id": order_id, **asdict(line)} for line in lines]
-        )
+    await _UPDATE_RESERVATION.run(session, {"order_key": order_id, **values})
+    await _INSERT_LINES.run_many(
+        session, [{"order_id": order_id, **asdict(line)} for line in lines]
+    )
 
 
 async def get_reservation(
     session: AsyncConnection, order_id: str, *, lock: bool = False
 ) -> Reservation | None:
     """An order's reservation with its lines, optionally locked until the transaction ends."""
-    query = _RESERVATION_LOCKED if lock else _RESERVATION
+    query = _RESERVATION_LOCKED if lock else _RESERVATION_UNLOCKED
     return await _load(session, query, {"order_key": order_id})
 
 
@@ -366,23 +373,23 @@ async def lock_if_due(
 
 
 async def _load(
-    session: AsyncConnection, query: Any, parameters: dict[str, Any] | None = None
+    session: AsyncConnection, query: Prepared, parameters: dict[str, Any]
 ) -> Reservation | None:
-    rows = (await session.execute(query, parameters)).all()
+    rows = await query.rows(session, parameters)
     if not rows:
         return None
     row = rows[0]
     return Reservation(
-        order_id=row.order_id,
-        status=ReservationStatus(row.status),
-        total=row.total,
-        reason=row.reason,
-        correlation_id=row.correlation_id,
-        created_at=utc(row.created_at),
-        updated_at=utc(row.updated_at),
+        order_id=row["order_id"],
+        status=ReservationStatus(row["status"]),
+        total=row["total"],
+        reason=row["reason"],
+        correlation_id=row["correlation_id"],
+        created_at=utc(row["created_at"]),
+        updated_at=utc(row["updated_at"]),
         lines=tuple(
-            Line(line.product_id, line.quantity, line.unit_price, line.available)
+            Line(line["product_id"], line["quantity"], line["unit_price"], line["available"])
             for line in rows
-            if line.product_id is not None
+            if line["product_id"] is not None
         ),
     )

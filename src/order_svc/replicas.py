@@ -9,10 +9,11 @@ from typing import Any
 
 import aiohttp
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.db import insert_for, insert_or_skip
+from bus.db import insert_for
+from bus.prepared import Prepared, insert_or_skip
 from bus.resilience import CircuitBreaker, retry_call
 from order_svc import store
 
@@ -72,7 +73,7 @@ async def remember_user(session: AsyncConnection, user: dict[str, Any]) -> None:
     """Record a user as the user service described it over HTTP (``GET /users/{id}``),
     unless an event about the user got here first."""
     row = _user_row(user["id"], user.get("email"), user.get("role"), user.get("status", "active"))
-    await session.execute(insert_or_skip(session, store.users), row)
+    await insert_or_skip(store.users).run(session, row)
 
 
 async def save_product(session: AsyncConnection, product: KnownProduct) -> None:
@@ -82,21 +83,25 @@ async def save_product(session: AsyncConnection, product: KnownProduct) -> None:
 
 async def remember_product(session: AsyncConnection, product: KnownProduct) -> None:
     """Record a product as inventory answered over HTTP, unless an event got here first."""
-    await session.execute(insert_or_skip(session, store.products), _product_row(product))
+    await insert_or_skip(store.products).run(session, _product_row(product))
+
+
+# built once: two lookups of every order placed
+_USER = Prepared(select(store.users).where(store.users.c.id == bindparam("user_id")))
+_PRODUCTS = select(store.products).where(store.products.c.id.in_(bindparam("ids", expanding=True)))
 
 
 async def known_user(session: AsyncConnection, user_id: str) -> KnownUser | None:
     """The replica's copy of a user, if it has one."""
-    row = (await session.execute(select(store.users).where(store.users.c.id == user_id))).first()
-    return KnownUser(row.id, row.status) if row else None
+    rows = await _USER.rows(session, {"user_id": user_id})
+    return KnownUser(rows[0]["id"], rows[0]["status"]) if rows else None
 
 
 async def known_products(session: AsyncConnection, ids: set[str]) -> dict[str, KnownProduct]:
     """The replica's copies of these products."""
-    query = select(store.products).where(store.products.c.id.in_(ids))
     return {
         row.id: KnownProduct(row.id, row.name, store.from_cents(row.price_cents))
-        for row in await session.execute(query)
+        for row in await session.execute(_PRODUCTS, {"ids": list(ids)})
     }
 
 

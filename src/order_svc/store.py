@@ -29,6 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.db import dialect_of
+from bus.prepared import Prepared, Row
 from order_svc.domain import OrderStatus, SagaStep
 
 metadata = MetaData()
@@ -142,33 +143,33 @@ class Order:
     refund_requested: bool
 
     @classmethod
-    def from_row(cls, row: Any) -> Order:
+    def from_row(cls, row: Row) -> Order:
         """Build from a row of ``orders``."""
         return cls(
-            id=row.id,
-            user_id=row.user_id,
-            status=OrderStatus(row.status),
-            status_reason=row.status_reason,
-            currency=row.currency,
-            total=from_cents(row.total_cents),
-            provider=row.provider,
-            method=row.method,
-            payment_id=row.payment_id,
-            correlation_id=row.correlation_id,
-            traceparent=row.traceparent,
-            saga_step=SagaStep(row.saga_step) if row.saga_step else None,
-            step_attempts=row.step_attempts,
-            refund_requested=row.refund_requested,
+            id=row["id"],
+            user_id=row["user_id"],
+            status=OrderStatus(row["status"]),
+            status_reason=row["status_reason"],
+            currency=row["currency"],
+            total=from_cents(row["total_cents"]),
+            provider=row["provider"],
+            method=row["method"],
+            payment_id=row["payment_id"],
+            correlation_id=row["correlation_id"],
+            traceparent=row["traceparent"],
+            saga_step=SagaStep(row["saga_step"]) if row["saga_step"] else None,
+            step_attempts=row["step_attempts"],
+            refund_requested=row["refund_requested"],
         )
 
 
-# The saga's statements, built once: building one costs SQLAlchemy more than running it.
+# The saga's statements, built once and sent by asyncpg on PostgreSQL (bus.prepared).
 # Inserts and updates take their columns from the parameters they are given.
-_LOCK = select(orders).where(orders.c.id == bindparam("order_key")).with_for_update()
+_LOCK = Prepared(select(orders).where(orders.c.id == bindparam("order_key")).with_for_update())
 _INSERT_ORDER = insert(orders)
-_INSERT_ITEMS = insert(order_items)
+_INSERT_ITEMS = Prepared(insert(order_items))
 _UPDATE_ORDER = update(orders).where(orders.c.id == bindparam("order_key"))
-_END_STEP = _UPDATE_ORDER.where(orders.c.saga_step == bindparam("step"))
+_END_STEP = Prepared(_UPDATE_ORDER.where(orders.c.saga_step == bindparam("step")))
 # On PostgreSQL a change of status writes its history entry in the same statement (a
 # data-modifying WITH): one round trip instead of two, on every step of every order. The
 # entry is inserted from a SELECT of its own parameters, because an INSERT with VALUES
@@ -182,9 +183,9 @@ _ENTRY = insert(order_history).from_select(
         bindparam("entry_at", type_=DateTime(timezone=True)),
     ),
 )
-_UPDATE_WITH_ENTRY = _UPDATE_ORDER.add_cte(_ENTRY.cte("entry"))
-_INSERT_WITH_ENTRY = _INSERT_ORDER.add_cte(_ENTRY.cte("entry"))
-_SET_LINE_PRICE = (
+_UPDATE_WITH_ENTRY = Prepared(_UPDATE_ORDER.add_cte(_ENTRY.cte("entry")))
+_INSERT_WITH_ENTRY = Prepared(_INSERT_ORDER.add_cte(_ENTRY.cte("entry")))
+_SET_LINE_PRICE = Prepared(
     update(order_items)
     .where(
         (order_items.c.order_id == bindparam("order"))
@@ -196,8 +197,8 @@ _SET_LINE_PRICE = (
 
 async def lock_order(session: AsyncConnection, order_id: str) -> Order | None:
     """Read an order and lock it for this transaction (SQLite locks the whole file)."""
-    row = (await session.execute(_LOCK, {"order_key": order_id})).one_or_none()
-    return Order.from_row(row) if row else None
+    rows = await _LOCK.rows(session, {"order_key": order_id})
+    return Order.from_row(rows[0]) if rows else None
 
 
 Line = tuple[str, int, Decimal]
@@ -210,12 +211,12 @@ async def insert_order(
     """Insert an order, its lines and the first history entry."""
     first = _entry(values["id"], values["status"], None, values["created_at"])
     if dialect_of(session) == "postgresql":
-        await session.execute(_INSERT_WITH_ENTRY, values | first)
+        await _INSERT_WITH_ENTRY.run(session, values | first)
     else:
         await session.execute(_INSERT_ORDER, values)
         await session.execute(_ENTRY, first)
-    await session.execute(
-        _INSERT_ITEMS,
+    await _INSERT_ITEMS.run_many(
+        session,
         [
             {"order_id": values["id"], "product_id": p, "quantity": q, "unit_price_cents": cents(u)}
             for p, q, u in lines
@@ -231,7 +232,7 @@ async def update_order(session: AsyncConnection, order_id: str, **values: Any) -
 async def end_step(session: AsyncConnection, order_id: str, step: SagaStep) -> None:
     """Stop watching ``step`` if it is the one the order waits on (else change nothing)."""
     ended = {"saga_step": None, "step_deadline": None, "step_attempts": 0, "updated_at": now()}
-    await session.execute(_END_STEP, {"order_key": order_id, "step": step, **ended})
+    await _END_STEP.run(session, {"order_key": order_id, "step": step, **ended})
 
 
 async def record_status(
@@ -242,7 +243,7 @@ async def record_status(
     changes = {"order_key": order_id, "status": status, "status_reason": reason, "updated_at": at}
     entry = _entry(order_id, status, reason, at)
     if dialect_of(session) == "postgresql":
-        await session.execute(_UPDATE_WITH_ENTRY, changes | values | entry)
+        await _UPDATE_WITH_ENTRY.run(session, changes | values | entry)
     else:
         await session.execute(_UPDATE_ORDER, changes | values)
         await session.execute(_ENTRY, entry)
@@ -258,8 +259,8 @@ async def set_line_prices(
     """Replace provisional unit prices with the ones stock was reserved at (one statement)."""
     if not prices:
         return
-    await session.execute(
-        _SET_LINE_PRICE,
+    await _SET_LINE_PRICE.run_many(
+        session,
         [
             {"order": order_id, "product": product_id, "cents": cents(unit_price)}
             for product_id, unit_price in prices.items()
@@ -284,7 +285,7 @@ async def due_orders(session: AsyncConnection, limit: int, skip_locked: bool) ->
         .limit(limit)
         .with_for_update(skip_locked=skip_locked)
     )
-    return [Order.from_row(row) for row in await session.execute(query)]
+    return [Order.from_row(row) for row in (await session.execute(query)).mappings()]
 
 
 async def orders_in_flight(session: AsyncConnection) -> int:

@@ -30,7 +30,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeDecorator
 
-from bus.db import insert_or_skip
+from bus import prepared
+from bus.prepared import Prepared, Row
 from payment_svc.domain import (
     Payment,
     Record,
@@ -167,8 +168,7 @@ async def _insert_if_new(session: AsyncConnection, table: Table, values: dict[st
     On PostgreSQL a clash with an uncommitted row waits for that transaction, so of two
     concurrent claims exactly one wins and the other then sees the winner's row.
     """
-    result = await session.execute(insert_or_skip(session, table), values)
-    return bool(result.rowcount)
+    return bool(await prepared.insert_or_skip(table).run(session, values))
 
 
 async def claim_idempotency_key(
@@ -200,8 +200,16 @@ async def forget_idempotency_keys(session: AsyncConnection, *, before: datetime)
 
 
 _UPDATE_PAYMENT = update(payments).where(payments.c.id == bindparam("payment_key"))
-_SETTLE_PAYMENT = _UPDATE_PAYMENT.returning(*payments.c)
-_INSERT_TRANSACTION = insert(transactions)
+# a charge's statements, built once and sent by asyncpg on PostgreSQL (bus.prepared)
+_SETTLE_PAYMENT = Prepared(_UPDATE_PAYMENT.returning(*payments.c))
+_INSERT_TRANSACTION = Prepared(insert(transactions))
+_PAYMENT_BY_ID = select(payments).where(payments.c.id == bindparam("key"))
+_PAYMENT_OF_ORDER = select(payments).where(payments.c.order_id == bindparam("key"))
+_ONE_PAYMENT = {
+    (by_order, locked): Prepared(query.with_for_update() if locked else query)
+    for by_order, query in ((False, _PAYMENT_BY_ID), (True, _PAYMENT_OF_ORDER))
+    for locked in (False, True)
+}
 
 
 async def claim_payment(session: AsyncConnection, values: dict[str, Any]) -> bool:
@@ -216,7 +224,7 @@ async def update_payment(session: AsyncConnection, payment_id: str, **values: An
 
 async def settle_payment(session: AsyncConnection, payment_id: str, **values: Any) -> Payment:
     """Write the provider's verdict; the payment as it now stands (one round trip)."""
-    row = (await session.execute(_SETTLE_PAYMENT, {"payment_key": payment_id, **values})).one()
+    (row,) = await _SETTLE_PAYMENT.rows(session, {"payment_key": payment_id, **values})
     return _payment(row)
 
 
@@ -242,7 +250,7 @@ async def add_transaction(
         "provider": payment.provider,
         "created_at": at,
     }
-    await session.execute(_INSERT_TRANSACTION, row)
+    await _INSERT_TRANSACTION.run(session, row)
 
 
 async def add_refund(session: AsyncConnection, **values: Any) -> None:
@@ -250,8 +258,8 @@ async def add_refund(session: AsyncConnection, **values: Any) -> None:
     await session.execute(insert(refunds).values(**values))
 
 
-def _payment(row: Any) -> Payment:
-    values = dict(row._mapping)
+def _payment(row: Row) -> Payment:
+    values = dict(row)
     values["fees"] = Fees(processing=values.pop("fee_processing"), net=values.pop("fee_net"))
     return Payment.model_validate(values)
 
@@ -260,22 +268,16 @@ async def get_payment(
     session: AsyncConnection, payment_id: str, *, for_update: bool = False
 ) -> Payment | None:
     """The payment, locked against concurrent refunds when ``for_update``."""
-    return await _one_payment(session, payments.c.id == payment_id, for_update)
+    rows = await _ONE_PAYMENT[False, for_update].rows(session, {"key": payment_id})
+    return _payment(rows[0]) if rows else None
 
 
 async def payment_for_order(
     session: AsyncConnection, order_id: str, *, for_update: bool = False
 ) -> Payment | None:
     """The order's payment (there is at most one)."""
-    return await _one_payment(session, payments.c.order_id == order_id, for_update)
-
-
-async def _one_payment(session: AsyncConnection, where: Any, for_update: bool) -> Payment | None:
-    query = select(payments).where(where)
-    if for_update:
-        query = query.with_for_update()
-    row = (await session.execute(query)).one_or_none()
-    return None if row is None else _payment(row)
+    rows = await _ONE_PAYMENT[True, for_update].rows(session, {"key": order_id})
+    return _payment(rows[0]) if rows else None
 
 
 async def get_transaction(
@@ -342,5 +344,5 @@ async def _page(
     total = await session.scalar(select(func.count()).select_from(table).where(*owned))
     query: Select[Any] = select(table).where(*owned)
     query = query.order_by(table.c.created_at.desc(), table.c.id.desc()).limit(limit).offset(offset)
-    rows = (await session.execute(query)).all()
+    rows = (await session.execute(query)).mappings().all()
     return [to_record(row) for row in rows], int(total or 0)

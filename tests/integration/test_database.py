@@ -6,8 +6,13 @@ import asyncio
 
 import pytest
 from sqlalchemy import func, insert, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from bus.db import Database
+from bus.envelope import Envelope
+from bus.outbox import outbox_table, write_outbox
+from bus.prepared import Prepared, driver_for
+from inventory_svc.messages import StockReleased
 from tests.integration.tables import effects
 
 pytestmark = pytest.mark.integration
@@ -62,3 +67,75 @@ async def test_a_burst_wider_than_the_pool_waits_for_its_connections(
     # the same three connections served both bursts: none opened and dropped on the way
     assert len(set(first)) == 3
     assert set(second) == set(first)
+
+
+_ADD = Prepared(insert(effects))
+_NAMES = Prepared(select(effects.c.name).order_by(effects.c.name))
+
+
+async def _names(db: Database) -> list[str]:
+    async with db.reading() as reader:
+        return list((await reader.scalars(select(effects.c.name).order_by(effects.c.name))).all())
+
+
+async def test_prepared_statements_run_inside_the_transaction_sqlalchemy_began(
+    postgres: Database,
+) -> None:
+    async def write_then_fail() -> None:
+        async with postgres.session() as session, session.begin():
+            await _ADD.run(session, {"name": "a"})  # SQLAlchemy sends BEGIN with it
+            assert driver_for(session) is not None  # the rest go to asyncpg
+            await _ADD.run_many(session, [{"name": "b"}, {"name": "c"}])
+            assert [row["name"] for row in await _NAMES.rows(session, {})] == ["a", "b", "c"]
+            raise RuntimeError("the handler failed")
+
+    with pytest.raises(RuntimeError):
+        await write_then_fail()
+    assert await _names(postgres) == []
+
+    async with postgres.session() as session, session.begin():
+        await _ADD.run(session, {"name": "a"})
+        assert await _ADD.run(session, {"name": "b"}) == 1
+    assert await _names(postgres) == ["a", "b"]
+
+
+async def test_prepared_statements_fill_in_column_defaults(postgres: Database) -> None:
+    sent = Envelope.wrap(StockReleased(order_id="o-1", items=[]), source="test")
+    async with postgres.session() as session, session.begin():
+        await _ADD.run(session, {"name": "first"})
+        await write_outbox(session, [(sent, "event")])
+    async with postgres.reading() as reader:
+        row = (await reader.execute(select(outbox_table))).one()
+    assert (row.message_id, row.attempts, row.published_at) == (sent.id, 0, None)
+
+
+async def test_a_prepared_statement_breaking_a_constraint_raises_sqlalchemys_error(
+    postgres: Database,
+) -> None:
+    async def add_twice() -> None:
+        async with postgres.session() as session, session.begin():
+            await _ADD.run(session, {"name": "a"})
+            await _ADD.run(session, {"name": "a"})
+
+    with pytest.raises(IntegrityError):
+        await add_twice()
+    assert await _names(postgres) == []
+
+
+async def test_a_connection_lost_under_a_prepared_statement_is_not_pooled_again(
+    postgres: Database,
+) -> None:
+    async def add_after_the_connection_is_gone() -> None:
+        async with postgres.session() as session, session.begin():
+            await _ADD.run(session, {"name": "a"})
+            backend = await session.scalar(text("SELECT pg_backend_pid()"))
+            async with postgres.reading() as other:
+                await other.execute(text(f"SELECT pg_terminate_backend({backend})"))
+            await _ADD.run(session, {"name": "b"})
+
+    with pytest.raises(DBAPIError) as raised:
+        await add_after_the_connection_is_gone()
+    assert raised.value.connection_invalidated
+    async with postgres.session() as session, session.begin():  # a working connection
+        await _ADD.run(session, {"name": "c"})
+    assert await _names(postgres) == ["c"]
