@@ -33,7 +33,8 @@ class Settings(BaseSettings):
     saga_step_timeout: float = 10.0
     saga_step_attempts: int = 3
     saga_sweep_seconds: float = 1.0
-    # orders the saga may have in hand before new ones are turned away (0: no limit)
+    # orders the saga may have in hand before new ones are turned away (0: no limit); the
+    # ceiling rises above it to what the saga finishes in 0.4 of a step timeout
     max_orders_in_flight: int = Field(default=200, ge=0)
     currency: str = "USD"
     user_url: str = "http://127.0.0.1:3010"
@@ -55,7 +56,12 @@ def build(settings: Settings, **overrides: Any) -> Service:
     service.background.append(
         lambda: sweep_overdue_steps(service, policy, settings.saga_sweep_seconds)
     )
-    admission = Admission(settings.max_orders_in_flight)
+    # orders in hand rise to 4 s of the saga's pace (with the default 10 s step timeout):
+    # enough to keep every stage busy while turned-away clients wait, and each order
+    # still finishes long before its step would time out
+    admission = Admission(
+        settings.max_orders_in_flight, seconds_in_hand=settings.saga_step_timeout * 0.4
+    )
     service.background.append(lambda: keep_counting(admission, db, settings.saga_sweep_seconds))
     service.app[ADMISSION] = admission
     service.app[POLICY] = policy
