@@ -9,15 +9,17 @@ handed to asyncpg with their parameters in order.
 
 Only inside what SQLAlchemy opened: a transaction asyncpg has begun, or an autocommit
 connection. The first statement of a transaction goes through SQLAlchemy, which sends the
-BEGIN; so do all statements on SQLite. Errors come back as SQLAlchemy's (an
-:class:`~sqlalchemy.exc.IntegrityError` for a broken constraint), and a lost connection
-is invalidated so the pool does not hand it out again.
+BEGIN; so do all statements on SQLite, and any statement this module cannot compile for
+asyncpg. Errors come back as SQLAlchemy's (an :class:`~sqlalchemy.exc.IntegrityError`
+for a broken constraint, else a :class:`~sqlalchemy.exc.DBAPIError`), and when the
+connection is gone the pool is emptied, as SQLAlchemy does when it meets a disconnect.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,24 +31,27 @@ from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import TypeDecorator
 
-Row = Mapping[Any, Any]  # by column name: an asyncpg Record or a SQLAlchemy RowMapping
-# asyncpg's errors that mean the connection is gone, not that the statement failed
-_LOST = (
-    OSError,
-    asyncpg.InterfaceError,  # "connection is closed"
-    asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-)
+# a row, read by column name: an asyncpg Record, a dict or a SQLAlchemy RowMapping
+Row = Mapping[Any, Any]
 
 
 @dataclass(frozen=True, slots=True)
 class _Compiled:
     sql: str
     names: tuple[str, ...]  # the parameters, in the order of $1, $2, ...
-    defaults: tuple[tuple[str, Any], ...]  # parameters filled from columns' scalar defaults
+    given: tuple[tuple[str, Any], ...]  # parameters the caller leaves out: column defaults
     processors: tuple[Any, ...]  # each parameter's bind processor, or None
     results: tuple[tuple[str, Any], ...]  # result columns of the application's own types
+
+    def args(self, params: Row) -> list[Any]:
+        if self.given:
+            params = {**dict(self.given), **params}
+        return [
+            value if process is None else process(value)
+            for value, process in zip(
+                (params[name] for name in self.names), self.processors, strict=True
+            )
+        ]
 
     def rows(self, records: list[Any]) -> list[Row]:
         if not self.results:
@@ -56,24 +61,16 @@ class _Compiled:
             for record in records
         ]
 
-    def args(self, params: Row) -> list[Any]:
-        if self.defaults:
-            params = {**dict(self.defaults), **params}
-        return [
-            value if process is None else process(value)
-            for value, process in zip(
-                (params[name] for name in self.names), self.processors, strict=True
-            )
-        ]
-
 
 class Prepared:
     """A statement built once, run by asyncpg where it can be and by SQLAlchemy elsewhere.
 
-    Parameters go through their types' bind processors, as under SQLAlchemy. Results of
-    built-in types come as asyncpg decodes them (as they do under SQLAlchemy's asyncpg
-    dialect); a :class:`~sqlalchemy.types.TypeDecorator`'s result conversion is applied
-    here. A statement with an expanding ``IN`` always goes through SQLAlchemy.
+    Parameters go through their types' bind processors, as under SQLAlchemy, and columns
+    the caller leaves out take their scalar defaults. Results of built-in types come as
+    asyncpg decodes them (as they do under SQLAlchemy's asyncpg dialect); a
+    :class:`~sqlalchemy.types.TypeDecorator`'s result conversion is applied here. Anything
+    else (an expanding ``IN``, a default computed per row, result columns sharing a name)
+    goes through SQLAlchemy.
     """
 
     def __init__(self, statement: Executable) -> None:
@@ -81,103 +78,117 @@ class Prepared:
         self._compiled: dict[tuple[str | None, frozenset[str], bool], _Compiled | None] = {}
 
     async def rows(self, session: AsyncConnection, params: Row) -> list[Row]:
-        """The rows the statement returns, each a mapping of column name to value."""
-        driver = driver_for(session)
-        compiled = driver and self._compile(session, params.keys(), many=False)
-        if driver is None or compiled is None:
+        """The rows the statement returns, each read by column name."""
+        fast = self._fast(session, params.keys(), many=False)
+        if fast is None:
             result = await session.execute(self.statement, dict(params))
             return list(result.mappings().all())
+        driver, compiled = fast
         args = compiled.args(params)
-        try:
+        async with _as_sqlalchemy(session, driver, compiled.sql, args):
             records = await driver.fetch(compiled.sql, *args)
-        except Exception as error:
-            raise await _translated(session, error, compiled.sql, args) from error
         return compiled.rows(records)
 
     async def run(self, session: AsyncConnection, params: Row) -> int:
         """Run the statement once; how many rows it changed."""
-        driver = driver_for(session)
-        compiled = driver and self._compile(session, params.keys(), many=False)
-        if driver is None or compiled is None:
+        fast = self._fast(session, params.keys(), many=False)
+        if fast is None:
             result = await session.execute(self.statement, dict(params))
             return int(result.rowcount)
+        driver, compiled = fast
         args = compiled.args(params)
-        try:
+        async with _as_sqlalchemy(session, driver, compiled.sql, args):
             status: str = await driver.execute(compiled.sql, *args)
-        except Exception as error:
-            raise await _translated(session, error, compiled.sql, args) from error
         return int(status.rsplit(" ", 1)[-1])  # "UPDATE 1", "INSERT 0 1"
 
     async def run_many(self, session: AsyncConnection, params: Sequence[Row]) -> None:
         """Run the statement once for each set of parameters, in one round trip."""
         if not params:
             return
-        driver = driver_for(session)
-        compiled = driver and self._compile(session, params[0].keys(), many=True)
-        if driver is None or compiled is None:
+        fast = self._fast(session, params[0].keys(), many=True)
+        if fast is None:
             await session.execute(self.statement, [dict(p) for p in params])
             return
+        driver, compiled = fast
         rows = [compiled.args(p) for p in params]
-        try:
+        async with _as_sqlalchemy(session, driver, compiled.sql, rows):
             await driver.executemany(compiled.sql, rows)
-        except Exception as error:
-            raise await _translated(session, error, compiled.sql, rows) from error
 
-    def _compile(self, session: AsyncConnection, keys: Any, *, many: bool) -> _Compiled | None:
+    def _fast(
+        self, session: AsyncConnection, keys: Any, *, many: bool
+    ) -> tuple[asyncpg.Connection, _Compiled] | None:
+        """The asyncpg connection and the compiled statement, if asyncpg may run it now."""
+        driver = driver_for(session)
+        if driver is None:
+            return None
         options = session.sync_connection.get_execution_options()  # type: ignore[union-attr]
         schema = (options.get("schema_translate_map") or {}).get(None)
         key = (schema, frozenset(keys), many)
-        try:
-            return self._compiled[key]
-        except KeyError:
-            pass
-        dialect = session.dialect
-        compiler = self.statement.compile(  # type: ignore[attr-defined]
-            dialect=dialect,
-            column_keys=sorted(key[1]),
-            for_executemany=many,
-            schema_translate_map={None: schema} if schema else None,
-            render_schema_translate=bool(schema),
-        )
-        self._compiled[key] = compiled = _compile(self.statement, compiler, dialect)
-        return compiled
+        if key not in self._compiled:
+            compiler = self.statement.compile(  # type: ignore[attr-defined]
+                dialect=session.dialect,
+                column_keys=sorted(key[1]),
+                for_executemany=many,
+                schema_translate_map={None: schema} if schema else None,
+                render_schema_translate=bool(schema),
+            )
+            self._compiled[key] = _compile(self.statement, compiler, key[1], session.dialect)
+        compiled = self._compiled[key]
+        return None if compiled is None else (driver, compiled)
 
 
 @functools.cache
-def insert_or_skip(table: Table) -> Prepared:
+def insert_or_skip(table: Table, *returning: Any) -> Prepared:
     """``INSERT ... ON CONFLICT DO NOTHING`` into ``table``: ``run`` says 0 when a unique
-    key clashed (on PostgreSQL, after waiting for an uncommitted clashing row's fate).
+    key clashed (on PostgreSQL, after waiting for an uncommitted clashing row's fate), and
+    ``rows`` gives the ``returning`` columns of a row inserted, none of one skipped.
 
     PostgreSQL's INSERT serves SQLite too: both compile its ``ON CONFLICT DO NOTHING``.
     """
-    return Prepared(postgresql.insert(table).on_conflict_do_nothing())
+    statement = postgresql.insert(table).on_conflict_do_nothing()
+    return Prepared(statement.returning(*returning) if returning else statement)
 
 
-def _compile(statement: Any, compiler: SQLCompiler, dialect: Any) -> _Compiled | None:
+def _compile(
+    statement: Any, compiler: SQLCompiler, keys: frozenset[str], dialect: Any
+) -> _Compiled | None:
     """What asyncpg needs to run ``compiler``'s statement, or None if it cannot."""
-    prefetched = [*compiler.insert_prefetch, *compiler.update_prefetch]
-    defaults = []
-    for column in prefetched:
-        default = column.default if column in compiler.insert_prefetch else column.onupdate
-        if default is None or not default.is_scalar:
-            return None  # a default SQLAlchemy computes per row: leave it to SQLAlchemy
-        defaults.append((column.key, default.arg))  # type: ignore[attr-defined]
-    names = tuple(compiler.positiontup or ())
     if "__[POSTCOMPILE_" in compiler.string:
         return None  # an expanding IN, rendered per call
+    names = tuple(compiler.positiontup or ())
+    defaults = {}
+    for column in compiler.insert_prefetch:
+        defaults[column.key] = column.default
+    for column in compiler.update_prefetch:
+        defaults[column.key] = column.onupdate
+    given = []
+    for name in names:
+        if name in keys:
+            continue
+        default = defaults.get(name)
+        if default is not None and default.is_scalar:
+            given.append((name, default.arg))  # type: ignore[attr-defined]
+        elif name not in defaults and not compiler.binds[name].required:
+            given.append((name, compiler.binds[name].effective_value))  # a value in the SQL
+        else:
+            return None  # a default computed per row, or a parameter missing: SQLAlchemy's
     processors = tuple(
         compiler.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
     )
-    results = tuple(
-        (column.name, column.type.result_processor(dialect, None))
-        for column in getattr(statement, "exported_columns", ())
-        if isinstance(column.type, TypeDecorator)
-    )
-    return _Compiled(compiler.string, names, tuple(defaults), processors, results)
+    columns = list(getattr(statement, "exported_columns", ()))
+    if len({column.name for column in columns}) < len(columns):
+        return None  # asyncpg would name them apart (name, name_1): leave that to SQLAlchemy
+    results = []
+    for column in columns:
+        if isinstance(column.type, TypeDecorator):
+            process = column.type.dialect_impl(dialect).result_processor(dialect, None)
+            if process is not None:
+                results.append((column.name, process))
+    return _Compiled(compiler.string, names, tuple(given), processors, tuple(results))
 
 
 def driver_for(session: AsyncConnection) -> asyncpg.Connection | None:
-    """The asyncpg connection under ``session``, if it may run a statement now."""
+    """The asyncpg connection under ``session``, if a :class:`Prepared` may use it now."""
     if session.dialect.driver != "asyncpg" or session.sync_connection is None:
         return None
     try:
@@ -191,13 +202,20 @@ def driver_for(session: AsyncConnection) -> asyncpg.Connection | None:
     return None  # SQLAlchemy has yet to send BEGIN
 
 
-async def _translated(session: AsyncConnection, error: Exception, sql: str, args: Any) -> Exception:
-    """``error`` as SQLAlchemy would have raised it (a lost connection is invalidated)."""
-    if isinstance(error, _LOST):
-        await session.invalidate(error)
-        return exc.DBAPIError(sql, args, error, connection_invalidated=True)
-    if isinstance(error, asyncpg.IntegrityConstraintViolationError):
-        return exc.IntegrityError(sql, args, error)
-    if isinstance(error, asyncpg.PostgresError):
-        return exc.DBAPIError(sql, args, error)
-    return error
+@contextlib.asynccontextmanager
+async def _as_sqlalchemy(
+    session: AsyncConnection, driver: asyncpg.Connection, sql: str, args: Any
+) -> AsyncIterator[None]:
+    """Raise asyncpg's errors as SQLAlchemy would have raised them."""
+    try:
+        yield
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
+        if driver.is_closed() or isinstance(error, OSError | asyncpg.PostgresConnectionError):
+            # every pooled connection may be as stale as this one: SQLAlchemy empties the
+            # pool when it meets a disconnect, and so does this
+            await session.invalidate(error)
+            await session.engine.dispose(close=False)
+            raise exc.DBAPIError(sql, args, error, connection_invalidated=True) from error
+        if isinstance(error, asyncpg.IntegrityConstraintViolationError):
+            raise exc.IntegrityError(sql, args, error) from error
+        raise exc.DBAPIError(sql, args, error) from error

@@ -33,7 +33,6 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus import prepared
-from bus.db import insert_for
 from bus.prepared import Prepared
 from inventory_svc.domain import ReservationStatus, StockDelta
 
@@ -164,10 +163,8 @@ async def add_product(
     """Insert a product; ``None`` when the id is taken."""
     values = {"id": product_id, "name": name, "price": price, "stock": stock}
     values |= {"reserved": 0, "sold": 0, "created_at": now, "updated_at": now}
-    statement = insert_for(session, products).on_conflict_do_nothing()
-    statement = statement.values(values).returning(*_PRODUCT)
-    row = (await session.execute(statement)).first()
-    return Product(**row._mapping) if row is not None else None
+    rows = await prepared.insert_or_skip(products, *_PRODUCT).rows(session, values)
+    return Product(**rows[0]) if rows else None
 
 
 async def get_product(

@@ -10,7 +10,8 @@ The ceiling rises with the saga's pace, to the orders it finishes in ``seconds_i
 Turned away, polite clients all come back a whole second later (``Retry-After`` has no
 finer unit): a fixed ceiling of fewer orders than a fast saga finishes in that second and
 what its stages hold leaves them idle each time, which on a two-core machine cost a
-fifth of the saga's throughput. The configured ceiling stays the floor.
+fifth of the saga's throughput. The configured ceiling stays the floor, and four times it
+the top: a mass cancel or a drained backlog reads as a burst of pace.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ CEILING = Gauge("microshop_orders_in_flight_ceiling", "Orders in flight past whi
 TURNED_AWAY = Counter(
     "microshop_orders_turned_away_total", "Orders refused because too many were in flight"
 )
+
+
+MAX_RISE = 4  # the ceiling rises to at most this many times the configured one
 
 
 @dataclass
@@ -57,8 +61,10 @@ class Admission:
 
     @property
     def ceiling(self) -> int:
-        """Orders in flight past which new ones are turned away."""
-        return max(self.limit, int(self.pace * self.seconds_in_hand))
+        """Orders in flight past which new ones are turned away: ``limit`` at the least,
+        and at most ``MAX_RISE`` times it, whatever a burst of finished orders suggests."""
+        in_hand = self.pace * self.seconds_in_hand
+        return int(min(self.limit * MAX_RISE, max(self.limit, in_hand)))
 
     def has_room(self) -> bool:
         """Whether one more order may come in (a ``limit`` of 0: no ceiling).
@@ -81,7 +87,8 @@ class Admission:
             self.pace += 0.3 * (finished / elapsed - self.pace)
         self.counted, self.admitted_since = in_flight, 0
         IN_FLIGHT.set(in_flight)
-        CEILING.set(self.ceiling)
+        if self.limit:
+            CEILING.set(self.ceiling)
 
 
 async def keep_counting(admission: Admission, db: Database, interval: float) -> None:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from decimal import Decimal
 
 import pytest
-from sqlalchemy import func, insert, select, text
+from sqlalchemy import bindparam, func, insert, literal_column, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from bus.db import Database
@@ -13,7 +14,7 @@ from bus.envelope import Envelope
 from bus.outbox import outbox_table, write_outbox
 from bus.prepared import Prepared, driver_for
 from inventory_svc.messages import StockReleased
-from tests.integration.tables import effects
+from tests.integration.tables import effects, prices
 
 pytestmark = pytest.mark.integration
 
@@ -139,3 +140,41 @@ async def test_a_connection_lost_under_a_prepared_statement_is_not_pooled_again(
     async with postgres.session() as session, session.begin():  # a working connection
         await _ADD.run(session, {"name": "c"})
     assert await _names(postgres) == ["c"]
+
+
+async def test_prepared_statements_keep_values_written_into_them_and_convert_own_types(
+    postgres: Database,
+) -> None:
+    others = Prepared(select(effects.c.name).where(effects.c.name != "skipped"))
+    price_of = Prepared(select(prices.c.price).where(prices.c.name == bindparam("name")))
+    async with postgres.session() as session, session.begin():
+        await _ADD.run_many(session, [{"name": "kept"}, {"name": "skipped"}])
+        assert driver_for(session) is not None
+        await Prepared(insert(prices)).run(session, {"name": "mouse", "price": Decimal("29.99")})
+        assert [row["name"] for row in await others.rows(session, {})] == ["kept"]
+        assert (await price_of.rows(session, {"name": "mouse"}))[0]["price"] == Decimal("29.99")
+    async with postgres.reading() as reader:
+        stored = await reader.scalar(select(literal_column("price")).select_from(prices))
+    assert stored == 2999  # the bind conversion ran too
+
+
+async def test_prepared_statements_on_a_reading_connection_commit_as_they_run(
+    postgres: Database,
+) -> None:
+    async with postgres.reading() as reader:
+        assert driver_for(reader) is not None  # autocommit: no BEGIN to wait for
+        await _ADD.run(reader, {"name": "at once"})
+        assert await _names(postgres) == ["at once"]
+
+
+async def test_a_parameter_asyncpg_cannot_send_fails_without_dropping_the_connection(
+    postgres: Database,
+) -> None:
+    async def add_a_number() -> None:
+        async with postgres.session() as session, session.begin():
+            await _ADD.run(session, {"name": "a"})
+            await _ADD.run(session, {"name": 42})
+
+    with pytest.raises(DBAPIError) as raised:
+        await add_a_number()
+    assert not raised.value.connection_invalidated

@@ -45,15 +45,22 @@ def test_the_ceiling_rises_to_the_orders_the_saga_finishes_in_the_seconds_in_han
     admission.recount(100, 1.0)
     assert admission.ceiling == 100  # no pace measured yet: the configured ceiling
 
-    for _ in range(30):  # a steady 200 orders a second come in and finish
-        for _ in range(200):
+    for _ in range(30):  # a steady 60 orders a second come in and finish
+        for _ in range(60):
             admission.took_one()
         admission.recount(100, 1.0)
 
-    assert admission.pace == pytest.approx(200, rel=0.01)
-    assert admission.ceiling == pytest.approx(800, rel=0.01)
+    assert admission.pace == pytest.approx(60, rel=0.01)
+    assert admission.ceiling == pytest.approx(240, rel=0.01)
     assert admission.has_room()
 
     for _ in range(30):  # the saga stalls: nothing finishes
         admission.recount(100, 1.0)
     assert admission.ceiling == 100
+
+
+def test_a_burst_of_finished_orders_raises_the_ceiling_four_times_at_most() -> None:
+    admission = Admission(limit=200, seconds_in_hand=4)
+    admission.recount(5000, 1.0)  # a backlog drains, or a mass cancel
+    admission.recount(0, 1.0)
+    assert admission.ceiling == 800
