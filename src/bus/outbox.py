@@ -370,6 +370,7 @@ class OutboxRelay:
         self._fresh: list[tuple[Envelope, str, float]] = []  # (envelope, kind, committed at)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._marking: asyncio.Task[None] | None = None  # the fast path's last mark
         self._stopping = False
 
     def committed(self, messages: Committed) -> None:
@@ -400,6 +401,8 @@ class OutboxRelay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            if self._marking is not None:  # left running by the cancelled relay
+                self._marking.cancel()  # its rows stay unmarked: the next relay sends them
         self._fresh.clear()  # they are in the outbox: flush(), or the next relay, sends them
 
     async def flush(self, grace: float = 10.0) -> int:
@@ -425,6 +428,7 @@ class OutboxRelay:
                 if self._fresh:
                     await self._publish_fresh()
                 if loop.time() - polled >= self.poll_seconds:
+                    await self._marked()
                     polled = loop.time()
                     fresh = self.fresh_seconds
                     while await self.publish_pending(fresh, started) >= self.batch_size:
@@ -445,9 +449,14 @@ class OutboxRelay:
                 # commits that land meanwhile go out in the same batch: one publish round
                 # and one statement marking them, at the price of this much latency
                 await asyncio.sleep(self.linger)
+        try:
+            await self._marked()
+        except Exception:
+            log.exception("marking published outbox rows failed; the next relay sends them")
 
     async def _publish_fresh(self) -> None:
-        """Publish rows just committed, straight from memory; mark them in one statement.
+        """Publish rows just committed, straight from memory; mark them in one statement,
+        while the next batch goes out.
 
         Rows the broker did not take are postponed like the poll's; the poll retries them.
         """
@@ -458,8 +467,20 @@ class OutboxRelay:
         batch = [(envelope, kind, 0) for envelope, kind, at in taken if at >= young]
         if batch:
             sent = await self._publish(batch)
-            async with self.db.one_statement_each() as session:
-                await self._record(session, sent)
+            # the next batch goes out while this one is marked: a mark waits for its commit
+            # (a disk flush), and commits landing meanwhile would wait for it too
+            await self._marked()
+            self._marking = asyncio.create_task(self._mark(sent))
+
+    async def _mark(self, sent: _Sent) -> None:
+        async with self.db.one_statement_each() as session:
+            await self._record(session, sent)
+
+    async def _marked(self) -> None:
+        """Wait for the fast path's last mark (its failure is the relay's, as any other)."""
+        marking, self._marking = self._marking, None
+        if marking is not None:
+            await marking
 
     async def publish_pending(
         self, fresh_seconds: float = 0.0, written_before: datetime | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, insert, select
@@ -127,6 +127,35 @@ async def test_relay_publishes_what_commits_at_once_and_marks_it(
         await eventually(lambda: drained(relay))
     finally:
         await relay.stop()
+
+
+async def test_the_next_batch_goes_out_while_the_last_is_being_marked(
+    db: Database, broker: MemoryBroker, seen: list[str]
+) -> None:
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=60, fresh_seconds=60)
+    mark, marking, release = relay._mark, asyncio.Event(), asyncio.Event()
+
+    async def slow_mark(sent: Any) -> None:
+        marking.set()
+        await release.wait()  # the first mark waits on a slow disk flush
+        await mark(sent)
+
+    relay._mark = slow_mark  # type: ignore[method-assign]
+    transactions = Transactions(db, "/tests", on_commit=relay.committed)
+    relay.start()
+    try:
+        async with transactions.begin() as unit:
+            first = unit.publish(ThingMade(name="first")).id
+        await asyncio.wait_for(marking.wait(), 5)
+        async with transactions.begin() as unit:
+            second = unit.publish(ThingMade(name="second")).id
+        await eventually(lambda: second in seen, within=5)  # not held back by the mark
+        release.set()
+        await eventually(lambda: drained(relay))
+    finally:
+        release.set()
+        await relay.stop()
+    assert seen == [first, second]
 
 
 async def test_the_poll_leaves_fresh_rows_to_the_fast_path_and_takes_the_rest(
