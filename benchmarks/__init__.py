@@ -28,8 +28,8 @@ def stamp() -> dict[str, Any]:
 def reference_cpu_ms(rounds: int = 5) -> float:
     """CPU milliseconds a fixed piece of pure-Python work takes here now (median).
 
-    Shared machines change speed by a third within the hour; this says how fast this one
-    ran when a result was written, so results can be set side by side.
+    This shared machine's speed drifts, by up to half within an hour; taken as a result is
+    written (just after its run), this says roughly how fast the machine was running.
     """
     times = []
     for _ in range(rounds):

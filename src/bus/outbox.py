@@ -401,8 +401,11 @@ class OutboxRelay:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            if self._marking is not None:  # left running by the cancelled relay
-                self._marking.cancel()  # its rows stay unmarked: the next relay sends them
+            marking, self._marking = self._marking, None
+            if marking is not None:  # left running by the cancelled relay
+                marking.cancel()  # its rows stay unmarked: the next relay sends them
+                with contextlib.suppress(asyncio.CancelledError):
+                    await marking
         self._fresh.clear()  # they are in the outbox: flush(), or the next relay, sends them
 
     async def flush(self, grace: float = 10.0) -> int:
@@ -449,10 +452,7 @@ class OutboxRelay:
                 # commits that land meanwhile go out in the same batch: one publish round
                 # and one statement marking them, at the price of this much latency
                 await asyncio.sleep(self.linger)
-        try:
-            await self._marked()
-        except Exception:
-            log.exception("marking published outbox rows failed; the next relay sends them")
+        await self._marked()
 
     async def _publish_fresh(self) -> None:
         """Publish rows just committed, straight from memory; mark them in one statement,
@@ -477,10 +477,15 @@ class OutboxRelay:
             await self._record(session, sent)
 
     async def _marked(self) -> None:
-        """Wait for the fast path's last mark (its failure is the relay's, as any other)."""
+        """Wait for the fast path's last mark. One that failed leaves its rows unmarked:
+        the poll sends them again (the inbox drops the copies), and the relay goes on."""
         marking, self._marking = self._marking, None
-        if marking is not None:
+        if marking is None:
+            return
+        try:
             await marking
+        except Exception:
+            log.exception("marking published outbox rows failed; the poll sends them again")
 
     async def publish_pending(
         self, fresh_seconds: float = 0.0, written_before: datetime | None = None

@@ -11,8 +11,10 @@ Only inside what SQLAlchemy opened: a transaction asyncpg has begun, or an autoc
 connection. The first statement of a transaction goes through SQLAlchemy, which sends the
 BEGIN; so do all statements on SQLite, and any statement this module cannot compile for
 asyncpg. Errors come back as SQLAlchemy's (an :class:`~sqlalchemy.exc.IntegrityError`
-for a broken constraint, else a :class:`~sqlalchemy.exc.DBAPIError`), and when the
-connection is gone the pool is emptied, as SQLAlchemy does when it meets a disconnect.
+for a broken constraint, else a :class:`~sqlalchemy.exc.DBAPIError`), and a connection
+that is gone is invalidated, so the pool does not hand it out again. Other pooled
+connections that went stale with it (a database restart) are found by SQLAlchemy, which
+sends each transaction's first statement and then renews the whole pool.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import asyncpg
 from sqlalchemy import Table, exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import sqltypes
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.types import TypeDecorator
@@ -66,11 +69,12 @@ class Prepared:
     """A statement built once, run by asyncpg where it can be and by SQLAlchemy elsewhere.
 
     Parameters go through their types' bind processors, as under SQLAlchemy, and columns
-    the caller leaves out take their scalar defaults. Results of built-in types come as
-    asyncpg decodes them (as they do under SQLAlchemy's asyncpg dialect); a
-    :class:`~sqlalchemy.types.TypeDecorator`'s result conversion is applied here. Anything
-    else (an expanding ``IN``, a default computed per row, result columns sharing a name)
-    goes through SQLAlchemy.
+    the caller leaves out take their scalar defaults. Results of plain types (strings,
+    integers, decimals, times, booleans, bytes) come as asyncpg decodes them, which is
+    what SQLAlchemy's asyncpg dialect hands back too; a
+    :class:`~sqlalchemy.types.TypeDecorator` over one of them has its result conversion
+    applied here. Anything else (an expanding ``IN``, a default computed per row, result
+    columns sharing a name, other result types) goes through SQLAlchemy.
     """
 
     def __init__(self, statement: Executable) -> None:
@@ -118,7 +122,7 @@ class Prepared:
         self, session: AsyncConnection, keys: Any, *, many: bool
     ) -> tuple[asyncpg.Connection, _Compiled] | None:
         """The asyncpg connection and the compiled statement, if asyncpg may run it now."""
-        driver = driver_for(session)
+        driver = _driver_for(session)
         if driver is None:
             return None
         options = session.sync_connection.get_execution_options()  # type: ignore[union-attr]
@@ -180,14 +184,39 @@ def _compile(
         return None  # asyncpg would name them apart (name, name_1): leave that to SQLAlchemy
     results = []
     for column in columns:
-        if isinstance(column.type, TypeDecorator):
-            process = column.type.dialect_impl(dialect).result_processor(dialect, None)
+        kind = column.type
+        if isinstance(kind, TypeDecorator):
+            if not _decoded_alike(kind.impl_instance):
+                return None
+            process = kind.dialect_impl(dialect).result_processor(dialect, None)
             if process is not None:
                 results.append((column.name, process))
+        elif not _decoded_alike(kind):
+            return None
     return _Compiled(compiler.string, names, tuple(given), processors, tuple(results))
 
 
-def driver_for(session: AsyncConnection) -> asyncpg.Connection | None:
+# types asyncpg hands back as SQLAlchemy's asyncpg dialect does (no result processing)
+_PLAIN = (
+    sqltypes.String,
+    sqltypes.Integer,
+    sqltypes.DateTime,
+    sqltypes.Date,
+    sqltypes.Boolean,
+    sqltypes.LargeBinary,
+)
+
+
+def _decoded_alike(kind: Any) -> bool:
+    """Whether asyncpg decodes a column of this type as SQLAlchemy would hand it back."""
+    if isinstance(kind, sqltypes.Enum):
+        return False  # SQLAlchemy hands back the enum's members, asyncpg strings
+    if isinstance(kind, sqltypes.Numeric):
+        return bool(kind.asdecimal) and not isinstance(kind, sqltypes.Float)  # Decimal
+    return isinstance(kind, _PLAIN)
+
+
+def _driver_for(session: AsyncConnection) -> asyncpg.Connection | None:
     """The asyncpg connection under ``session``, if a :class:`Prepared` may use it now."""
     if session.dialect.driver != "asyncpg" or session.sync_connection is None:
         return None
@@ -211,10 +240,7 @@ async def _as_sqlalchemy(
         yield
     except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
         if driver.is_closed() or isinstance(error, OSError | asyncpg.PostgresConnectionError):
-            # every pooled connection may be as stale as this one: SQLAlchemy empties the
-            # pool when it meets a disconnect, and so does this
             await session.invalidate(error)
-            await session.engine.dispose(close=False)
             raise exc.DBAPIError(sql, args, error, connection_invalidated=True) from error
         if isinstance(error, asyncpg.IntegrityConstraintViolationError):
             raise exc.IntegrityError(sql, args, error) from error

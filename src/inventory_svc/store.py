@@ -32,8 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus import prepared
-from bus.prepared import Prepared
+from bus.prepared import Prepared, insert_or_skip
 from inventory_svc.domain import ReservationStatus, StockDelta
 
 metadata = MetaData()
@@ -163,7 +162,7 @@ async def add_product(
     """Insert a product; ``None`` when the id is taken."""
     values = {"id": product_id, "name": name, "price": price, "stock": stock}
     values |= {"reserved": 0, "sold": 0, "created_at": now, "updated_at": now}
-    rows = await prepared.insert_or_skip(products, *_PRODUCT).rows(session, values)
+    rows = await insert_or_skip(products, *_PRODUCT).rows(session, values)
     return Product(**rows[0]) if rows else None
 
 
@@ -233,7 +232,7 @@ _UPDATE_RESERVATION = Prepared(
     update(reservations).where(reservations.c.order_id == bindparam("order_key"))
 )
 _INSERT_LINES = Prepared(insert(reservation_lines))
-_CLAIM_RESERVATION = prepared.insert_or_skip(reservations)
+_CLAIM_RESERVATION = insert_or_skip(reservations)
 # a reservation with its lines, one row per line (one row with empty line columns when it
 # has none): one round trip; FOR UPDATE locks the reservation, not its lines
 _WITH_LINES = (

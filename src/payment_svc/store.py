@@ -30,8 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.types import TypeDecorator
 
-from bus import prepared
-from bus.prepared import Prepared, Row
+from bus.prepared import Prepared, Row, insert_or_skip
 from payment_svc.domain import (
     Payment,
     Record,
@@ -168,7 +167,7 @@ async def _insert_if_new(session: AsyncConnection, table: Table, values: dict[st
     On PostgreSQL a clash with an uncommitted row waits for that transaction, so of two
     concurrent claims exactly one wins and the other then sees the winner's row.
     """
-    return bool(await prepared.insert_or_skip(table).run(session, values))
+    return bool(await insert_or_skip(table).run(session, values))
 
 
 async def claim_idempotency_key(
@@ -203,13 +202,12 @@ _UPDATE_PAYMENT = update(payments).where(payments.c.id == bindparam("payment_key
 # a charge's statements, built once and sent by asyncpg on PostgreSQL (bus.prepared)
 _SETTLE_PAYMENT = Prepared(_UPDATE_PAYMENT.returning(*payments.c))
 _INSERT_TRANSACTION = Prepared(insert(transactions))
-_PAYMENT_BY_ID = select(payments).where(payments.c.id == bindparam("key"))
-_PAYMENT_OF_ORDER = select(payments).where(payments.c.order_id == bindparam("key"))
-_ONE_PAYMENT = {
-    (by_order, locked): Prepared(query.with_for_update() if locked else query)
-    for by_order, query in ((False, _PAYMENT_BY_ID), (True, _PAYMENT_OF_ORDER))
-    for locked in (False, True)
-}
+_BY_ID = select(payments).where(payments.c.id == bindparam("key"))
+_OF_ORDER = select(payments).where(payments.c.order_id == bindparam("key"))
+_PAYMENT = Prepared(_BY_ID)
+_PAYMENT_LOCKED = Prepared(_BY_ID.with_for_update())
+_ORDER_PAYMENT = Prepared(_OF_ORDER)
+_ORDER_PAYMENT_LOCKED = Prepared(_OF_ORDER.with_for_update())
 
 
 async def claim_payment(session: AsyncConnection, values: dict[str, Any]) -> bool:
@@ -268,15 +266,20 @@ async def get_payment(
     session: AsyncConnection, payment_id: str, *, for_update: bool = False
 ) -> Payment | None:
     """The payment, locked against concurrent refunds when ``for_update``."""
-    rows = await _ONE_PAYMENT[False, for_update].rows(session, {"key": payment_id})
-    return _payment(rows[0]) if rows else None
+    query = _PAYMENT_LOCKED if for_update else _PAYMENT
+    return await _one_payment(session, query, payment_id)
 
 
 async def payment_for_order(
     session: AsyncConnection, order_id: str, *, for_update: bool = False
 ) -> Payment | None:
     """The order's payment (there is at most one)."""
-    rows = await _ONE_PAYMENT[True, for_update].rows(session, {"key": order_id})
+    query = _ORDER_PAYMENT_LOCKED if for_update else _ORDER_PAYMENT
+    return await _one_payment(session, query, order_id)
+
+
+async def _one_payment(session: AsyncConnection, query: Prepared, key: str) -> Payment | None:
+    rows = await query.rows(session, {"key": key})
     return _payment(rows[0]) if rows else None
 
 

@@ -6,13 +6,13 @@ import asyncio
 from decimal import Decimal
 
 import pytest
-from sqlalchemy import bindparam, func, insert, literal_column, select, text
+from sqlalchemy import bindparam, event, func, insert, literal_column, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from bus.db import Database
 from bus.envelope import Envelope
 from bus.outbox import outbox_table, write_outbox
-from bus.prepared import Prepared, driver_for
+from bus.prepared import Prepared
 from inventory_svc.messages import StockReleased
 from tests.integration.tables import effects, prices
 
@@ -74,24 +74,32 @@ _ADD = Prepared(insert(effects))
 _NAMES = Prepared(select(effects.c.name).order_by(effects.c.name))
 
 
+@pytest.fixture
+def through_sqlalchemy(postgres: Database) -> list[str]:
+    """Statements SQLAlchemy sends on ``postgres``; what asyncpg sends alone is not here."""
+    sent: list[str] = []
+    event.listen(postgres.engine.sync_engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    return sent
+
+
 async def _names(db: Database) -> list[str]:
     async with db.reading() as reader:
         return list((await reader.scalars(select(effects.c.name).order_by(effects.c.name))).all())
 
 
 async def test_prepared_statements_run_inside_the_transaction_sqlalchemy_began(
-    postgres: Database,
+    postgres: Database, through_sqlalchemy: list[str]
 ) -> None:
     async def write_then_fail() -> None:
         async with postgres.session() as session, session.begin():
             await _ADD.run(session, {"name": "a"})  # SQLAlchemy sends BEGIN with it
-            assert driver_for(session) is not None  # the rest go to asyncpg
             await _ADD.run_many(session, [{"name": "b"}, {"name": "c"}])
             assert [row["name"] for row in await _NAMES.rows(session, {})] == ["a", "b", "c"]
             raise RuntimeError("the handler failed")
 
     with pytest.raises(RuntimeError):
         await write_then_fail()
+    assert len(through_sqlalchemy) == 1  # the first INSERT: asyncpg sent the rest
     assert await _names(postgres) == []
 
     async with postgres.session() as session, session.begin():
@@ -100,18 +108,21 @@ async def test_prepared_statements_run_inside_the_transaction_sqlalchemy_began(
     assert await _names(postgres) == ["a", "b"]
 
 
-async def test_prepared_statements_fill_in_column_defaults(postgres: Database) -> None:
+async def test_prepared_statements_fill_in_column_defaults(
+    postgres: Database, through_sqlalchemy: list[str]
+) -> None:
     sent = Envelope.wrap(StockReleased(order_id="o-1", items=[]), source="test")
     async with postgres.session() as session, session.begin():
         await _ADD.run(session, {"name": "first"})
         await write_outbox(session, [(sent, "event")])
+    assert len(through_sqlalchemy) == 1  # asyncpg wrote the outbox row
     async with postgres.reading() as reader:
         row = (await reader.execute(select(outbox_table))).one()
     assert (row.message_id, row.attempts, row.published_at) == (sent.id, 0, None)
 
 
 async def test_a_prepared_statement_breaking_a_constraint_raises_sqlalchemys_error(
-    postgres: Database,
+    postgres: Database, through_sqlalchemy: list[str]
 ) -> None:
     async def add_twice() -> None:
         async with postgres.session() as session, session.begin():
@@ -120,11 +131,12 @@ async def test_a_prepared_statement_breaking_a_constraint_raises_sqlalchemys_err
 
     with pytest.raises(IntegrityError):
         await add_twice()
+    assert len(through_sqlalchemy) == 1  # asyncpg sent the second
     assert await _names(postgres) == []
 
 
 async def test_a_connection_lost_under_a_prepared_statement_is_not_pooled_again(
-    postgres: Database,
+    postgres: Database, through_sqlalchemy: list[str]
 ) -> None:
     async def add_after_the_connection_is_gone() -> None:
         async with postgres.session() as session, session.begin():
@@ -137,38 +149,39 @@ async def test_a_connection_lost_under_a_prepared_statement_is_not_pooled_again(
     with pytest.raises(DBAPIError) as raised:
         await add_after_the_connection_is_gone()
     assert raised.value.connection_invalidated
+    assert sum("INSERT" in statement for statement in through_sqlalchemy) == 1  # "b": asyncpg
     async with postgres.session() as session, session.begin():  # a working connection
         await _ADD.run(session, {"name": "c"})
     assert await _names(postgres) == ["c"]
 
 
 async def test_prepared_statements_keep_values_written_into_them_and_convert_own_types(
-    postgres: Database,
+    postgres: Database, through_sqlalchemy: list[str]
 ) -> None:
     others = Prepared(select(effects.c.name).where(effects.c.name != "skipped"))
     price_of = Prepared(select(prices.c.price).where(prices.c.name == bindparam("name")))
     async with postgres.session() as session, session.begin():
         await _ADD.run_many(session, [{"name": "kept"}, {"name": "skipped"}])
-        assert driver_for(session) is not None
         await Prepared(insert(prices)).run(session, {"name": "mouse", "price": Decimal("29.99")})
         assert [row["name"] for row in await others.rows(session, {})] == ["kept"]
         assert (await price_of.rows(session, {"name": "mouse"}))[0]["price"] == Decimal("29.99")
+    assert len(through_sqlalchemy) == 1  # the first: asyncpg sent the rest
     async with postgres.reading() as reader:
         stored = await reader.scalar(select(literal_column("price")).select_from(prices))
     assert stored == 2999  # the bind conversion ran too
 
 
 async def test_prepared_statements_on_a_reading_connection_commit_as_they_run(
-    postgres: Database,
+    postgres: Database, through_sqlalchemy: list[str]
 ) -> None:
     async with postgres.reading() as reader:
-        assert driver_for(reader) is not None  # autocommit: no BEGIN to wait for
         await _ADD.run(reader, {"name": "at once"})
+        assert through_sqlalchemy == []  # autocommit: no BEGIN to wait for
         assert await _names(postgres) == ["at once"]
 
 
 async def test_a_parameter_asyncpg_cannot_send_fails_without_dropping_the_connection(
-    postgres: Database,
+    postgres: Database, through_sqlalchemy: list[str]
 ) -> None:
     async def add_a_number() -> None:
         async with postgres.session() as session, session.begin():
@@ -178,3 +191,4 @@ async def test_a_parameter_asyncpg_cannot_send_fails_without_dropping_the_connec
     with pytest.raises(DBAPIError) as raised:
         await add_a_number()
     assert not raised.value.connection_invalidated
+    assert len(through_sqlalchemy) == 1  # asyncpg refused the second itself

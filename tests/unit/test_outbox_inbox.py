@@ -158,6 +158,33 @@ async def test_the_next_batch_goes_out_while_the_last_is_being_marked(
     assert seen == [first, second]
 
 
+async def test_a_mark_that_fails_leaves_its_rows_to_the_poll_and_the_relay_goes_on(
+    db: Database, broker: MemoryBroker, seen: list[str]
+) -> None:
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=0.05, fresh_seconds=0.3)
+    mark, failures = relay._mark, [OSError("the database went away")]
+
+    async def failing_once(sent: Any) -> None:
+        if failures:
+            raise failures.pop()
+        await mark(sent)
+
+    relay._mark = failing_once  # type: ignore[method-assign]
+    transactions = Transactions(db, "/tests", on_commit=relay.committed)
+    relay.start()
+    await asyncio.sleep(0.1)  # past its first poll
+    try:
+        async with transactions.begin() as unit:
+            first = unit.publish(ThingMade(name="first")).id
+        await eventually(lambda: first in seen, within=5)
+        async with transactions.begin() as unit:
+            second = unit.publish(ThingMade(name="second")).id
+        await eventually(lambda: drained(relay), within=5)
+    finally:
+        await relay.stop()
+    assert seen == [first, second, first]  # the unmarked one again, from the poll
+
+
 async def test_the_poll_leaves_fresh_rows_to_the_fast_path_and_takes_the_rest(
     db: Database, broker: MemoryBroker
 ) -> None:
