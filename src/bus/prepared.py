@@ -42,13 +42,13 @@ Row = Mapping[Any, Any]
 class _Compiled:
     sql: str
     names: tuple[str, ...]  # the parameters, in the order of $1, $2, ...
-    given: tuple[tuple[str, Any], ...]  # parameters the caller leaves out: column defaults
+    given: Mapping[str, Any]  # parameters the caller leaves out: defaults, values in the SQL
     processors: tuple[Any, ...]  # each parameter's bind processor, or None
     results: tuple[tuple[str, Any], ...]  # result columns of the application's own types
 
     def args(self, params: Row) -> list[Any]:
         if self.given:
-            params = {**dict(self.given), **params}
+            params = {**self.given, **params}
         return [
             value if process is None else process(value)
             for value, process in zip(
@@ -193,7 +193,7 @@ def _compile(
                 results.append((column.name, process))
         elif not _decoded_alike(kind):
             return None
-    return _Compiled(compiler.string, names, tuple(given), processors, tuple(results))
+    return _Compiled(compiler.string, names, dict(given), processors, tuple(results))
 
 
 # types asyncpg hands back as SQLAlchemy's asyncpg dialect does (no result processing)
@@ -231,6 +231,11 @@ def _driver_for(session: AsyncConnection) -> asyncpg.Connection | None:
     return None  # SQLAlchemy has yet to send BEGIN
 
 
+# the connection is gone, or asyncpg's side of it is out of step with the server (an idle
+# connection whose backend was terminated refuses the next statement so)
+_BROKEN = (OSError, asyncpg.PostgresConnectionError, asyncpg.InternalClientError)
+
+
 @contextlib.asynccontextmanager
 async def _as_sqlalchemy(
     session: AsyncConnection, driver: asyncpg.Connection, sql: str, args: Any
@@ -238,8 +243,8 @@ async def _as_sqlalchemy(
     """Raise asyncpg's errors as SQLAlchemy would have raised them."""
     try:
         yield
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as error:
-        if driver.is_closed() or isinstance(error, OSError | asyncpg.PostgresConnectionError):
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, *_BROKEN) as error:
+        if driver.is_closed() or isinstance(error, _BROKEN):
             await session.invalidate(error)
             raise exc.DBAPIError(sql, args, error, connection_invalidated=True) from error
         if isinstance(error, asyncpg.IntegrityConstraintViolationError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from typing import Any
 
 import pytest
 from sqlalchemy import bindparam, event, func, insert, literal_column, select, text
@@ -82,6 +83,12 @@ def through_sqlalchemy(postgres: Database) -> list[str]:
     return sent
 
 
+async def _backend(db: Database) -> int:
+    """The PostgreSQL backend of the connection the pool hands out next."""
+    async with db.session() as session:
+        return int(await session.scalar(text("SELECT pg_backend_pid()")))
+
+
 async def _names(db: Database) -> list[str]:
     async with db.reading() as reader:
         return list((await reader.scalars(select(effects.c.name).order_by(effects.c.name))).all())
@@ -121,38 +128,50 @@ async def test_prepared_statements_fill_in_column_defaults(
     assert (row.message_id, row.attempts, row.published_at) == (sent.id, 0, None)
 
 
+async def _add_a_then(db: Database, second: dict[str, Any]) -> None:
+    """Add "a" (SQLAlchemy sends it, after BEGIN), then ``second`` (asyncpg sends it)."""
+    async with db.session() as session, session.begin():
+        await _ADD.run(session, {"name": "a"})
+        await _ADD.run(session, second)
+
+
 async def test_a_prepared_statement_breaking_a_constraint_raises_sqlalchemys_error(
     postgres: Database, through_sqlalchemy: list[str]
 ) -> None:
-    async def add_twice() -> None:
-        async with postgres.session() as session, session.begin():
-            await _ADD.run(session, {"name": "a"})
-            await _ADD.run(session, {"name": "a"})
-
     with pytest.raises(IntegrityError):
-        await add_twice()
+        await _add_a_then(postgres, {"name": "a"})
     assert len(through_sqlalchemy) == 1  # asyncpg sent the second
     assert await _names(postgres) == []
 
 
+@pytest.mark.parametrize("in_transaction", [True, False])
 async def test_a_connection_lost_under_a_prepared_statement_is_not_pooled_again(
-    postgres: Database, through_sqlalchemy: list[str]
+    postgres: Database, through_sqlalchemy: list[str], in_transaction: bool
 ) -> None:
+    # on an autocommit connection no ROLLBACK would find it dead: only the invalidation does
+    lost: list[int] = []
+
     async def add_after_the_connection_is_gone() -> None:
-        async with postgres.session() as session, session.begin():
+        opened = postgres.session() if in_transaction else postgres.reading()
+        async with opened as session:
+            if in_transaction:
+                await session.begin()
             await _ADD.run(session, {"name": "a"})
-            backend = await session.scalar(text("SELECT pg_backend_pid()"))
+            lost.append(await session.scalar(text("SELECT pg_backend_pid()")))
             async with postgres.reading() as other:
-                await other.execute(text(f"SELECT pg_terminate_backend({backend})"))
+                await other.execute(text(f"SELECT pg_terminate_backend({lost[0]})"))
             await _ADD.run(session, {"name": "b"})
 
     with pytest.raises(DBAPIError) as raised:
         await add_after_the_connection_is_gone()
     assert raised.value.connection_invalidated
-    assert sum("INSERT" in statement for statement in through_sqlalchemy) == 1  # "b": asyncpg
+    assert all('"b"' not in statement for statement in through_sqlalchemy)
+    assert sum("INSERT" in statement for statement in through_sqlalchemy) <= 1  # "b": asyncpg
+    pooled = {await _backend(postgres) for _ in range(3)}  # in turn, oldest first
+    assert lost[0] not in pooled
     async with postgres.session() as session, session.begin():  # a working connection
         await _ADD.run(session, {"name": "c"})
-    assert await _names(postgres) == ["c"]
+    assert "c" in await _names(postgres)
 
 
 async def test_prepared_statements_keep_values_written_into_them_and_convert_own_types(
@@ -183,12 +202,9 @@ async def test_prepared_statements_on_a_reading_connection_commit_as_they_run(
 async def test_a_parameter_asyncpg_cannot_send_fails_without_dropping_the_connection(
     postgres: Database, through_sqlalchemy: list[str]
 ) -> None:
-    async def add_a_number() -> None:
-        async with postgres.session() as session, session.begin():
-            await _ADD.run(session, {"name": "a"})
-            await _ADD.run(session, {"name": 42})
-
+    before = await _backend(postgres)
     with pytest.raises(DBAPIError) as raised:
-        await add_a_number()
+        await _add_a_then(postgres, {"name": 42})
     assert not raised.value.connection_invalidated
-    assert len(through_sqlalchemy) == 1  # asyncpg refused the second itself
+    assert await _backend(postgres) == before  # the connection stays in the pool
+    assert sum("INSERT" in statement for statement in through_sqlalchemy) == 1  # not "42"
