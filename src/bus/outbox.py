@@ -104,8 +104,7 @@ class UnitOfWork:
         self.session = session
         self.source = source
         self.causation = causation
-        self.outgoing: list[Envelope] = []
-        self._kinds: list[str] = []
+        self._written: list[tuple[Envelope, str]] = []  # (envelope, kind)
 
     def publish(self, message: Message, *, correlation_id: str | None = None) -> Envelope:
         """Queue ``message`` for publishing if, and only if, this transaction commits.
@@ -122,13 +121,12 @@ class UnitOfWork:
             traceparent=traceparent,
             tracestate=tracestate,
         )
-        self.outgoing.append(envelope)
-        self._kinds.append(message.kind)
+        self._written.append((envelope, message.kind))
         return envelope
 
     def written(self) -> Committed:
         """The messages this unit writes to the outbox, each with its kind."""
-        return list(zip(self.outgoing, self._kinds, strict=True))
+        return self._written
 
 
 async def write_outbox(session: AsyncConnection, messages: Committed) -> None:
@@ -191,14 +189,23 @@ class Transactions:
         self._committed(written)
 
     def _committed(self, written: Committed) -> None:
-        """Outbox rows committed: hand them to the relay."""
+        """Outbox rows committed: hand them to the relay. The work is done whatever the
+        relay makes of them: should it fail, its poll finds the rows in the outbox."""
         if written and self.on_commit is not None:
-            self.on_commit(written)
+            try:
+                self.on_commit(written)
+            except Exception:
+                log.exception("handing committed rows to the relay failed; its poll sends them")
 
     async def settle(self, grace: float = 10.0) -> None:
-        """Wait up to ``grace`` s for the groups at work to commit or roll back."""
-        if self._running:
-            await asyncio.wait(set(self._running), timeout=grace)
+        """Wait up to ``grace`` s for the groups at work to commit or roll back, then roll
+        back the rest: their callers have left, and their messages, never acked, come back."""
+        if not self._running:
+            return
+        _, late = await asyncio.wait(set(self._running), timeout=grace)
+        for task in late:
+            task.cancel()
+        await asyncio.gather(*late, return_exceptions=True)
 
     async def together(self, work: Work[T], causation: Envelope | None = None) -> T:
         """Run ``work`` in a unit of work that commits with others: group commit.
@@ -355,7 +362,6 @@ class OutboxRelay:
         poll_seconds: float = 1.0,
         max_attempts: int = 12,
         retention: timedelta = timedelta(days=1),
-        linger: float = 0.0,
         fresh_seconds: float = 2.0,
     ) -> None:
         self.db = db
@@ -365,7 +371,6 @@ class OutboxRelay:
         self.poll_seconds = poll_seconds
         self.max_attempts = max_attempts
         self.retention = retention
-        self.linger = linger
         self.fresh_seconds = fresh_seconds
         self._fresh: list[tuple[Envelope, str, float]] = []  # (envelope, kind, committed at)
         self._wake = asyncio.Event()
@@ -448,10 +453,6 @@ class OutboxRelay:
                 continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), polled + self.poll_seconds - loop.time())
-            if self.linger and self._fresh and not self._stopping:
-                # commits that land meanwhile go out in the same batch: one publish round
-                # and one statement marking them, at the price of this much latency
-                await asyncio.sleep(self.linger)
         await self._marked()
 
     async def _publish_fresh(self) -> None:

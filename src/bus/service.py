@@ -101,7 +101,6 @@ class Service:
             batch_size=settings.outbox_batch_size,
             poll_seconds=settings.outbox_poll_seconds,
             max_attempts=settings.outbox_max_attempts,
-            linger=settings.outbox_linger_ms / 1000,
         )
         self.transactions = Transactions(
             db,
@@ -183,10 +182,12 @@ class Service:
                 instance_id=self.instance_id, service=self.name, url=self.settings.public_url
             )
         )
+        loop = asyncio.get_running_loop()
+        handled_by = loop.time() + grace  # handlers and the groups they joined share it
         if self._consumer is not None:
             await self._consumer.stop(grace=grace)
         # units whose callers were cancelled above may still be committing as a group
-        await self.transactions.settle(grace)
+        await self.transactions.settle(max(0.0, handled_by - loop.time()))
         await self.relay.stop(grace)
         with contextlib.suppress(Exception):
             flushed = await self.relay.flush(grace)

@@ -58,10 +58,6 @@ class Settings(BaseSettings):
     outbox_batch_size: int = Field(default=200, ge=1)
     outbox_poll_seconds: float = Field(default=1.0, gt=0)
     outbox_max_attempts: int = Field(default=12, ge=1)
-    # how long the relay waits after a commit for others to share its batch (0: none). It
-    # paid when each relay pass claimed and marked rows (four round trips); with group
-    # commit and the relay's fast path it saves nothing and adds its wait to every hop
-    outbox_linger_ms: int = Field(default=0, ge=0)
     drain_seconds: float = Field(default=10.0, ge=0)
     heartbeat_seconds: float = Field(default=5.0, gt=0)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -182,7 +183,8 @@ async def test_a_mark_that_fails_leaves_its_rows_to_the_poll_and_the_relay_goes_
         await eventually(lambda: drained(relay), within=5)
     finally:
         await relay.stop()
-    assert seen == [first, second, first]  # the unmarked one again, from the poll
+    # the unmarked one again, from the poll (whichever goes first)
+    assert collections.Counter(seen) == {first: 2, second: 1}
 
 
 async def test_the_poll_leaves_fresh_rows_to_the_fast_path_and_takes_the_rest(
@@ -192,7 +194,7 @@ async def test_the_poll_leaves_fresh_rows_to_the_fast_path_and_takes_the_rest(
     # written by a process that died before its relay published it
     async with Transactions(db, "/tests").begin() as unit:
         unit.publish(ThingMade(name="orphan"))
-    relay = OutboxRelay(db, broker, service="tests", poll_seconds=0.05, fresh_seconds=0.3)
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=0.05, fresh_seconds=1.0)
 
     assert await relay.publish_pending(fresh_seconds=60) == 0  # too young for the poll
     relay.start()  # its first poll takes rows of every age
@@ -200,9 +202,9 @@ async def test_the_poll_leaves_fresh_rows_to_the_fast_path_and_takes_the_rest(
         await eventually(lambda: drained(relay))
         async with Transactions(db, "/tests").begin() as unit:  # not handed to this relay
             unit.publish(ThingMade(name="another instance's"))
-        await asyncio.sleep(0.15)  # three polls, all while the row is younger than 0.3 s
+        await asyncio.sleep(0.15)  # three polls, all while the row is younger than 1 s
         assert await relay.backlog() == 1
-        await eventually(lambda: drained(relay))  # once it is 0.3 s old
+        await eventually(lambda: drained(relay))  # once it is 1 s old
     finally:
         await relay.stop()
 
@@ -249,33 +251,6 @@ async def test_relay_publishes_pending_rows_once_and_marks_them(
     assert await relay.flush() == 0
     await eventually(lambda: sorted(seen) == sorted(sent))
     assert await relay.backlog() == 0
-
-
-async def test_with_a_linger_commits_close_together_share_one_batch(
-    db: Database, broker: MemoryBroker
-) -> None:
-    await broker.declare("things", ["thing.*"])
-    batches: list[int] = []
-    publish_many = broker.publish_many
-
-    async def counted(envelopes: Sequence[Envelope]) -> list[BaseException | None]:
-        batches.append(len(envelopes))
-        return await publish_many(envelopes)
-
-    broker.publish_many = counted  # type: ignore[method-assign]
-    relay = OutboxRelay(db, broker, service="tests", poll_seconds=5, linger=1.0, fresh_seconds=10)
-    transactions = Transactions(db, "/tests", on_commit=relay.committed)
-    relay.start()
-    await asyncio.sleep(0.2)  # its first pass finds nothing; now it waits to be woken
-    try:
-        for n in range(3):  # three transactions within the linger
-            async with transactions.begin() as unit:
-                unit.publish(ThingMade(name=str(n)))
-        await eventually(lambda: sum(batches) == 3, within=5)
-    finally:
-        await relay.stop()
-
-    assert batches == [3]
 
 
 async def test_event_nobody_subscribes_to_is_done_and_counted(
@@ -549,13 +524,14 @@ async def test_a_stalled_relay_leaves_what_waited_to_the_poll_and_sends_it_once(
     assert sorted(seen) == sorted(sent)
 
 
+@pytest.mark.parametrize("group_size", [32, 1])  # in a group, and alone
 async def test_callers_learn_their_units_committed_even_if_telling_the_relay_fails(
-    db: Database,
+    db: Database, group_size: int
 ) -> None:
     def broken_relay(rows: Committed) -> None:
         raise RuntimeError("relay gone")
 
-    transactions = Transactions(db, "/tests", on_commit=broken_relay)
+    transactions = Transactions(db, "/tests", on_commit=broken_relay, group_size=group_size)
     handle = idempotent(transactions, "things", Recorder())
 
     await asyncio.wait_for(asyncio.gather(*(handle(delivery(str(n))) for n in range(3))), 5)
@@ -594,6 +570,23 @@ async def test_settle_waits_for_groups_whose_callers_left(db: Database) -> None:
     await transactions.settle(grace=5)
 
     assert await count(db, things) == 1
+
+
+async def test_settle_rolls_back_groups_still_at_work_after_the_grace(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+
+    async def stuck(unit: UnitOfWork) -> None:
+        await unit.session.execute(things.insert().values(name="stuck"))
+        await asyncio.sleep(60)
+
+    caller = asyncio.create_task(transactions.together(stuck))
+    await asyncio.sleep(0.05)
+    caller.cancel()
+
+    await asyncio.wait_for(transactions.settle(grace=0.1), 5)
+
+    assert await count(db, things) == 0
+    assert not transactions._running
 
 
 async def test_flush_goes_past_a_batch_no_one_hears(db: Database, broker: MemoryBroker) -> None:
