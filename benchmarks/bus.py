@@ -186,7 +186,7 @@ async def run(url: str, database_url: str | None, count: int, rounds: int) -> di
         await db.create_all()
     times: dict[str, list[float]] = {}
 
-    def record(name: str, seconds: float) -> None:
+    def note(name: str, seconds: float) -> None:
         times.setdefault(name, []).append(count / seconds)
         print(f"  {name:<24} {count / seconds:>9.0f} msg/s", flush=True)
 
@@ -197,17 +197,17 @@ async def run(url: str, database_url: str | None, count: int, rounds: int) -> di
             order = ["raw", "kit"] if round_number % 2 else ["kit", "raw"]
             for side in order:
                 if side == "raw":
-                    record("raw publish", await raw_publish(url, queue, count))
+                    note("raw publish", await raw_publish(url, queue, count))
                     await purge(broker, queue)
                     # both consumers drain the same kind of message: the kit's
                     await kit_publish(broker, count)
-                    record("raw consume", await drain(url, queue, count))
+                    note("raw consume", await drain(url, queue, count))
                 else:
-                    record("kit publish", await kit_publish(broker, count))
-                    record("kit consume", await kit_drain(broker, queue, count))
+                    note("kit publish", await kit_publish(broker, count))
+                    note("kit consume", await kit_drain(broker, queue, count))
             if db is not None:
                 await kit_publish(broker, count)
-                record("kit consume + inbox", await kit_drain(broker, queue, count, inbox_on(db)))
+                note("kit consume + inbox", await kit_drain(broker, queue, count, inbox_on(db)))
     finally:
         channel = await broker.connection.channel()
         for name in (queue, f"{queue}.dlq", *(f"{queue}.retry.{d}ms" for d in (200, 1000, 5000))):

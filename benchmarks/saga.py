@@ -143,7 +143,7 @@ async def full_speed(
     watcher: Watcher,
     seconds: float,
     concurrency: int,
-    meter: CpuMeter | None = None,
+    meter: CpuMeter,
 ) -> dict[str, Any]:
     placed: dict[str, float] = {}
     turned_away = 0
@@ -161,13 +161,13 @@ async def full_speed(
             placed[order_id] = started
 
     began = time.perf_counter()
-    before = meter.take() if meter else {}
+    before = meter.take()
     await asyncio.gather(*(customer() for _ in range(concurrency)))
     await settle(watcher, placed)
-    after = meter.take() if meter else {}
+    after = meter.take()
     done = [watcher.confirmed[o] for o in placed if o in watcher.confirmed]
     elapsed = max(done) - began
-    costs = meter.per_order(before, after, len(done)) if meter else {}
+    costs = meter.per_order(before, after, len(done))
     return {
         "orders": len(placed),
         "confirmed": len(done),
@@ -265,10 +265,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             ) as response:
                 assert response.status == 201, await response.text()
             order_url = system.url("order")
-            print("warming up", flush=True)
-            await full_speed(http, order_url, customer, watcher, 3, 8)
-            print(f"full speed for {args.seconds} s, {args.concurrency} in flight", flush=True)
             meter = CpuMeter({name: p.pid for name, p in system.processes.items()})
+            print("warming up", flush=True)
+            await full_speed(http, order_url, customer, watcher, 3, 8, meter)
+            print(f"full speed for {args.seconds} s, {args.concurrency} in flight", flush=True)
             fast = await full_speed(
                 http, order_url, customer, watcher, args.seconds, args.concurrency, meter
             )

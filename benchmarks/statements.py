@@ -69,17 +69,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         async with db.session() as session, session.begin():
             await store.insert_order(session, order, [("widget", 1, Decimal("9.99"))])
-        # what store.end_step sends, written out for asyncpg
-        sql = (
-            f'UPDATE "{schema}".orders SET saga_step = $1, step_deadline = $2, '
-            "step_attempts = $3, updated_at = $4 WHERE orders.id = $5 AND orders.saga_step = $6"
-        )
         ended = {"saga_step": None, "step_deadline": None, "step_attempts": 0, "updated_at": at}
         params = {"order_key": ORDER, "step": SagaStep.COMMIT, **ended}
         for _ in range(args.rounds):
             async with db.session() as session, session.begin():
-                asyncpg = (await session.get_raw_connection()).driver_connection
-                assert asyncpg is not None
+                await store.end_step(session, ORDER, SagaStep.COMMIT)  # SQLAlchemy sends BEGIN
+                # the SQL and arguments Prepared hands asyncpg: the gap to "prepared" is its own
+                fast = store._END_STEP._fast(session, params.keys(), many=False)
+                assert fast is not None
+                asyncpg, compiled = fast
                 calls: dict[str, Callable[[], Awaitable[Any]]] = {
                     # the same statement through SQLAlchemy's execute
                     "sqlalchemy core": functools.partial(
@@ -88,7 +86,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     # as the services send it (bus.prepared)
                     "prepared": functools.partial(store.end_step, session, ORDER, SagaStep.COMMIT),
                     "asyncpg": functools.partial(
-                        asyncpg.execute, sql, None, None, 0, at, ORDER, "commit"
+                        asyncpg.execute, compiled.sql, *compiled.args(params)
                     ),
                 }
                 for way, call in calls.items():
