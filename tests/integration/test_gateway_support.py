@@ -75,7 +75,6 @@ class Gateways:
             "health_check_seconds": 0.5,
             "drain_seconds": 2,
             "log_json": False,
-            "gc_freeze": False,  # the test process's objects come and go; keep them collectable
         }
         gateway = build(Settings(**{**values, **settings}), verifier=verifier)
         await gateway.start()

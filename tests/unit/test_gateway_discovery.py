@@ -34,7 +34,7 @@ async def list_products(_: web.Request) -> web.Response:
 @pytest.fixture
 async def gateway() -> AsyncIterator[Gateway]:
     broker = MemoryBroker()
-    settings = Settings(port=free_port(), health_check_seconds=0.2, gc_freeze=False)
+    settings = Settings(port=free_port(), health_check_seconds=0.2)
     started = build(settings, broker=broker)
     await started.start()
     yield started

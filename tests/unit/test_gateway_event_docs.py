@@ -120,7 +120,7 @@ def test_the_page_loads_nothing_from_anywhere() -> None:
 
 @pytest.fixture
 async def gateway() -> AsyncIterator[Gateway]:
-    started = build(Settings(port=free_port(), gc_freeze=False), broker=MemoryBroker())
+    started = build(Settings(port=free_port()), broker=MemoryBroker())
     await started.start()
     yield started
     await started.stop()

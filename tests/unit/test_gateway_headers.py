@@ -85,7 +85,7 @@ def test_answers_lose_hop_by_hop_headers_and_the_services_identity() -> None:
 @pytest.fixture
 def gateway() -> Gateway:
     """A gateway whose app the tests serve in-process: no bus, no instances, never started."""
-    return build(Settings(discovery=False, gc_freeze=False), verifier=Tokens().verifier)
+    return build(Settings(discovery=False), verifier=Tokens().verifier)
 
 
 async def test_an_unexpected_error_in_the_gateway_is_a_500_problem_without_the_trace(

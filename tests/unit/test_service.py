@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 from typing import ClassVar
 
@@ -14,7 +15,7 @@ from bus.envelope import Envelope, Event, MessageRegistry
 from bus.memory import MemoryBroker
 from bus.messages import BUS_MESSAGES
 from bus.outbox import UnitOfWork
-from bus.service import Service
+from bus.service import YOUNG_COLLECTION_EVERY, Service, quiet_collector
 from bus.settings import Settings
 from tests.integration.tables import effects, metadata
 from tests.support import eventually, free_port
@@ -119,3 +120,16 @@ async def test_unknown_handled_type_is_rejected_not_retried(tmp_path: Path) -> N
         assert "no handler for thing.done" in letter.reason
     finally:
         await service.stop()
+
+
+def test_a_started_process_hides_what_it_holds_from_the_collector() -> None:
+    before = gc.get_threshold()
+    held = ["built at start"]
+    assert any(tracked is held for tracked in gc.get_objects())
+    try:
+        quiet_collector()
+        assert not any(tracked is held for tracked in gc.get_objects())  # frozen
+        assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
