@@ -37,7 +37,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    any_,
     bindparam,
     delete,
     func,
@@ -45,7 +44,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Broker, Unroutable
@@ -59,7 +57,7 @@ from bus.observability import (
     child,
     current_traceparent,
 )
-from bus.prepared import Prepared
+from bus.prepared import Prepared, where_among
 
 log = structlog.get_logger("bus.outbox")
 
@@ -84,14 +82,10 @@ Index("outbox_pending", outbox_table.c.id, postgresql_where=_pending, sqlite_whe
 
 # built once: building a statement costs more than sending it
 _INSERT = Prepared(insert(outbox_table))
-_MARK = update(outbox_table).values(published_at=bindparam("published_at"))
-# PostgreSQL takes the ids as one array: one statement text, prepared once per connection,
-# where an IN list is a new statement (a parse, a round trip) for every length of batch
-_MARK_PUBLISHED = Prepared(
-    _MARK.where(outbox_table.c.message_id == any_(bindparam("message_ids", type_=ARRAY(String))))
-)
-_MARK_PUBLISHED_LISTED = _MARK.where(
-    outbox_table.c.message_id.in_(bindparam("message_ids", expanding=True))
+_MARK_PUBLISHED = where_among(
+    update(outbox_table).values(published_at=bindparam("published_at")),
+    outbox_table.c.message_id,
+    "message_ids",
 )
 
 
@@ -540,11 +534,7 @@ class OutboxRelay:
         """Mark the rows that are done, postpone the others; how many are done."""
         now = _now()
         if sent.done:
-            marked = {"published_at": now, "message_ids": sent.done}
-            if self.db.is_postgres:
-                await _MARK_PUBLISHED.run(session, marked)
-            else:
-                await session.execute(_MARK_PUBLISHED_LISTED, marked)
+            await _MARK_PUBLISHED.run(session, {"published_at": now, "message_ids": sent.done})
         for message_id, attempts, error in sent.failed:
             await session.execute(self._postpone(message_id, attempts, error, now))
         child(OUTBOX_PUBLISHED, self.service).inc(sent.confirmed)

@@ -13,7 +13,7 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.db import insert_for
-from bus.prepared import Prepared, insert_or_skip
+from bus.prepared import Prepared, insert_or_skip, where_among
 from bus.resilience import CircuitBreaker, retry_call
 from order_svc import store
 
@@ -88,7 +88,7 @@ async def remember_product(session: AsyncConnection, product: KnownProduct) -> N
 
 # built once: two lookups of every order placed
 _USER = Prepared(select(store.users).where(store.users.c.id == bindparam("user_id")))
-_PRODUCTS = select(store.products).where(store.products.c.id.in_(bindparam("ids", expanding=True)))
+_PRODUCTS = where_among(select(store.products), store.products.c.id, "ids")
 
 
 async def known_user(session: AsyncConnection, user_id: str) -> KnownUser | None:
@@ -100,8 +100,8 @@ async def known_user(session: AsyncConnection, user_id: str) -> KnownUser | None
 async def known_products(session: AsyncConnection, ids: set[str]) -> dict[str, KnownProduct]:
     """The replica's copies of these products."""
     return {
-        row.id: KnownProduct(row.id, row.name, store.from_cents(row.price_cents))
-        for row in await session.execute(_PRODUCTS, {"ids": list(ids)})
+        row["id"]: KnownProduct(row["id"], row["name"], store.from_cents(row["price_cents"]))
+        for row in await _PRODUCTS.rows(session, {"ids": list(ids)})
     }
 
 

@@ -13,7 +13,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from bus.db import Database
 from bus.envelope import Envelope
 from bus.outbox import outbox_table, write_outbox
-from bus.prepared import Prepared
+from bus.prepared import Prepared, where_among
 from inventory_svc.messages import StockReleased
 from tests.integration.tables import effects, prices
 
@@ -208,3 +208,18 @@ async def test_a_parameter_asyncpg_cannot_send_fails_without_dropping_the_connec
     assert not raised.value.connection_invalidated
     assert await _backend(postgres) == before  # the connection stays in the pool
     assert sum("INSERT" in statement for statement in through_sqlalchemy) == 1  # not "42"
+
+
+async def test_a_list_of_any_length_is_one_statement_for_asyncpg(
+    postgres: Database, through_sqlalchemy: list[str]
+) -> None:
+    among = where_among(select(effects.c.name), effects.c.name, "names")
+    async with postgres.reading() as reader:
+        await _ADD.run_many(reader, [{"name": name} for name in "abcd"])
+        for names in (["a"], ["b", "c", "x"], []):
+            found = sorted(row["name"] for row in await among.rows(reader, {"names": names}))
+            assert found == sorted(set(names) & set("abcd"))
+        assert through_sqlalchemy == []
+        prepared = await reader.scalars(text("SELECT statement FROM pg_prepared_statements"))
+        ours = [sql for sql in prepared if "effects.name = ANY" in sql]
+        assert len(ours) == 1  # parsed once for the three lengths
