@@ -7,18 +7,20 @@ the relay published a row twice) finds its id already there and changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 
 import structlog
 from prometheus_client import Counter
-from sqlalchemy import Column, DateTime, String, Table, delete
+from sqlalchemy import Column, DateTime, String, Table, bindparam, delete, func, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery, Handler
-from bus.db import BUS_METADATA
-from bus.outbox import Transactions, UnitOfWork
-from bus.prepared import insert_or_skip
+from bus.db import BUS_METADATA, dialect_of
+from bus.outbox import Claim, Once, Transactions, UnitOfWork
+from bus.prepared import Prepared, insert_or_skip
 
 log = structlog.get_logger("bus.inbox")
 
@@ -35,6 +37,20 @@ inbox_table = Table(
 )
 
 _CLAIM = insert_or_skip(inbox_table)
+# on PostgreSQL, the ids of every message a group handles in one statement
+_CLAIM_ALL = Prepared(
+    postgresql.insert(inbox_table)
+    .from_select(
+        ["consumer", "message_id", "processed_at"],
+        select(
+            bindparam("consumer", type_=String),
+            func.unnest(bindparam("message_ids", type_=ARRAY(String))),
+            bindparam("processed_at", type_=DateTime(timezone=True)),
+        ),
+    )
+    .on_conflict_do_nothing()
+    .returning(inbox_table.c.message_id)
+)
 
 UnitHandler = Callable[[Delivery, UnitOfWork], Awaitable[None]]
 
@@ -49,25 +65,40 @@ async def claim(session: AsyncConnection, consumer: str, message_id: str) -> boo
     return bool(await _CLAIM.run(session, row))
 
 
+def claims_of(consumer: str) -> Claim:
+    """:func:`claim` for many message ids at once: the ones ``consumer`` had not handled."""
+
+    async def claim_all(session: AsyncConnection, message_ids: Sequence[str]) -> set[str]:
+        if dialect_of(session) != "postgresql":
+            return {m for m in message_ids if await claim(session, consumer, m)}
+        claims = {"consumer": consumer, "message_ids": list(message_ids)}
+        rows = await _CLAIM_ALL.rows(session, claims | {"processed_at": datetime.now(UTC)})
+        return {row["message_id"] for row in rows}
+
+    return claim_all
+
+
 def idempotent(transactions: Transactions, consumer: str, handler: UnitHandler) -> Handler:
     """Wrap ``handler`` so each message id takes effect once for ``consumer``.
 
     The handler gets a :class:`UnitOfWork` whose changes, outgoing messages and inbox mark
     commit together, in a transaction shared with the messages that arrive at the same
-    moment (see :meth:`Transactions.together`); the broker acks only after that commit. A
-    handler whose group fails runs again alone, so it gets its own retry or dead letter
-    and the others commit.
+    moment (see :meth:`Transactions.together`), which claims their ids in one statement;
+    the broker acks only after that commit. A handler whose group fails runs again alone,
+    so it gets its own retry or dead letter and the others commit.
     """
+    claim_all = claims_of(consumer)
 
     async def handle(delivery: Delivery) -> None:
         async def work(unit: UnitOfWork) -> bool:
-            if not await claim(unit.session, consumer, delivery.envelope.id):
+            if not unit.claimed:
                 return False
             await handler(delivery, unit)
             return True
 
         # counted once it is settled: a group that rolls back runs ``work`` again
-        if not await transactions.together(work, causation=delivery.envelope):
+        once = Once(delivery.envelope.id, claim_all)
+        if not await transactions.together(work, causation=delivery.envelope, once=once):
             DUPLICATES.labels(consumer).inc()
             log.info("duplicate message skipped", consumer=consumer)
 

@@ -104,6 +104,8 @@ class UnitOfWork:
         self.session = session
         self.source = source
         self.causation = causation
+        # False when the unit's ``Once`` key was claimed before: its work must change nothing
+        self.claimed = True
         self._written: list[tuple[Envelope, str]] = []  # (envelope, kind)
 
     def publish(self, message: Message, *, correlation_id: str | None = None) -> Envelope:
@@ -151,6 +153,19 @@ async def write_outbox(session: AsyncConnection, messages: Committed) -> None:
 
 # what a transaction wrote to the outbox, handed to the relay once it has committed
 Committed = Sequence[tuple[Envelope, str]]  # (envelope, kind)
+
+# records keys in the caller's transaction; returns those that were not recorded before
+Claim = Callable[[AsyncConnection, Sequence[str]], Coroutine[Any, Any, set[str]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Once:
+    """What makes a unit of work take effect once: a key its transaction claims before the
+    work runs (the inbox's message id). Units of one group that name the same ``claim``
+    have their keys claimed in one statement."""
+
+    key: str
+    claim: Claim
 
 
 class Transactions:
@@ -207,7 +222,9 @@ class Transactions:
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
 
-    async def together(self, work: Work[T], causation: Envelope | None = None) -> T:
+    async def together(
+        self, work: Work[T], causation: Envelope | None = None, *, once: Once | None = None
+    ) -> T:
         """Run ``work`` in a unit of work that commits with others: group commit.
 
         Units that arrive while a group works join it, up to ``group_size``. A task of the
@@ -216,24 +233,30 @@ class Transactions:
         context), with a :class:`UnitOfWork` of its own (its messages name their own
         cause). When no unit is left waiting, it writes every unit's outbox rows in one
         statement and commits; only then does ``together`` return. What arrives meanwhile
-        starts the next group, as does what arrives when a group is full.
+        starts the next group, as does what arrives when a group is full. With ``once``,
+        the unit's key is claimed in the transaction before its work runs, together with
+        the keys of the units waiting beside it; the work finds ``unit.claimed`` False
+        when the key was claimed before.
 
         When a unit's ``work`` fails, the group is rolled back and every unit's ``work``
         runs again in a transaction of its own (:meth:`begin`): the one that failed fails
         alone, the others commit. So ``work`` must be safe to run twice, and it holds its
         row locks until its group commits: work that calls something slow or that must not
         run twice (a payment provider) must not be grouped. When the database fails (BEGIN,
-        the outbox write, COMMIT), every unit of the group gets that error. A caller that
-        is cancelled leaves its unit to the group: it commits if the group does, and is
-        dropped if the group rolls back (a message then comes back, as it was not acked).
+        the claims, the outbox write, COMMIT), every unit of the group gets that error. A
+        caller that is cancelled leaves its unit to the group: it commits if the group does,
+        and is dropped if the group rolls back (a message then comes back, as it was not
+        acked).
         """
         if self.group_size > 1:
-            member = _Member(work, causation, contextvars.copy_context())
+            member = _Member(work, causation, once, contextvars.copy_context())
             self._group_with_room().add(member)
             outcome = await asyncio.shield(member.outcome)
             if outcome is not _ALONE:
                 return cast(T, outcome)
         async with self.begin(causation) as unit:  # alone, with an outcome of its own
+            if once is not None:
+                unit.claimed = once.key in await once.claim(unit.session, [once.key])
             return await work(unit)
 
     def _group_with_room(self) -> _Group:
@@ -254,17 +277,21 @@ class Transactions:
         try:
             async with self.db.session() as session, session.begin():
                 while group.waiting:
-                    member = group.waiting.popleft()
-                    unit = UnitOfWork(session, self.source, member.causation)
-                    running: asyncio.Task[object] = asyncio.create_task(
-                        member.work(unit), context=member.context
-                    )
-                    try:
-                        result = await running
-                    except Exception:
-                        group.closed = True
-                        raise _RollBack from None  # this unit and every other: again, alone
-                    done.append((member, unit, result))
+                    wave = list(group.waiting)  # what waits now; more may join meanwhile
+                    group.waiting.clear()
+                    unclaimed = await _unclaimed(session, wave)
+                    for member in wave:
+                        unit = UnitOfWork(session, self.source, member.causation)
+                        unit.claimed = member not in unclaimed
+                        running: asyncio.Task[object] = asyncio.create_task(
+                            member.work(unit), context=member.context
+                        )
+                        try:
+                            result = await running
+                        except Exception:
+                            group.closed = True
+                            raise _RollBack from None  # this unit and every other: again, alone
+                        done.append((member, unit, result))
                 group.closed = True  # what arrives from now on starts the next group
                 written = [message for _, unit, _ in done for message in unit.written()]
                 await write_outbox(session, written)
@@ -273,7 +300,7 @@ class Transactions:
             for member in group.everyone:
                 member.outcome.set_result(_ALONE)
             return
-        except Exception as error:  # BEGIN, the outbox write or COMMIT failed
+        except Exception as error:  # BEGIN, the claims, the outbox write or COMMIT failed
             group.closed = True
             log.warning("group commit failed", size=len(group.everyone), exc_info=True)
             for member in group.everyone:
@@ -308,12 +335,32 @@ class _RollBack(Exception):
     """A unit of the group failed: undo the group's work."""
 
 
+async def _unclaimed(session: AsyncConnection, wave: list[_Member]) -> set[_Member]:
+    """Claim the keys of a wave of units, one statement per ``Claim``; the units whose key
+    was claimed before. Of two with one key (a message delivered twice at once), the second.
+    """
+    by_claim: dict[Claim, list[tuple[str, _Member]]] = {}
+    for member in wave:
+        if member.once is not None:
+            by_claim.setdefault(member.once.claim, []).append((member.once.key, member))
+    unclaimed = set()
+    for claim, keyed in by_claim.items():
+        fresh = await claim(session, list(dict.fromkeys(key for key, _ in keyed)))
+        for key, member in keyed:
+            if key in fresh:
+                fresh.discard(key)
+            else:
+                unclaimed.add(member)
+    return unclaimed
+
+
 @dataclass(eq=False)
 class _Member:
     """One unit of work waiting in a group, and where its outcome goes."""
 
     work: Work[Any]
     causation: Envelope | None
+    once: Once | None
     context: contextvars.Context  # its caller's, so its logs and spans are its caller's
     outcome: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()

@@ -12,6 +12,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from bus.db import Database
 from bus.envelope import Envelope
+from bus.inbox import claims_of
 from bus.outbox import outbox_table, write_outbox
 from bus.prepared import Prepared, where_among
 from inventory_svc.messages import StockReleased
@@ -223,3 +224,16 @@ async def test_a_list_of_any_length_is_one_statement_for_asyncpg(
         prepared = await reader.scalars(text("SELECT statement FROM pg_prepared_statements"))
         ours = [sql for sql in prepared if "effects.name = ANY" in sql]
         assert len(ours) == 1  # parsed once for the three lengths
+
+
+async def test_a_group_claims_its_message_ids_in_one_statement(
+    postgres: Database, through_sqlalchemy: list[str]
+) -> None:
+    claim_all = claims_of("things")
+    async with postgres.session() as session, session.begin():
+        assert await claim_all(session, ["m1", "m2", "m1"]) == {"m1", "m2"}
+        assert await claim_all(session, ["m2", "m3"]) == {"m3"}
+    assert len(through_sqlalchemy) == 1  # with BEGIN; asyncpg sent the second
+    async with postgres.session() as session, session.begin():
+        assert await claim_all(session, ["m1", "m4"]) == {"m4"}
+        assert await claims_of("others")(session, ["m1"]) == {"m1"}  # another consumer's

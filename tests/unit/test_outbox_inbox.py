@@ -10,6 +10,7 @@ from typing import Any, ClassVar
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, event, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery
 from bus.db import Database
@@ -17,7 +18,7 @@ from bus.envelope import Command, Envelope, Event, MessageRegistry
 from bus.inbox import DUPLICATES, idempotent, inbox_table
 from bus.memory import MemoryBroker
 from bus.observability import EVENTS_UNHEARD, UNITS_PER_TRANSACTION
-from bus.outbox import Committed, OutboxRelay, Transactions, UnitOfWork, outbox_table
+from bus.outbox import Committed, Once, OutboxRelay, Transactions, UnitOfWork, outbox_table
 from tests.support import eventually
 
 
@@ -437,6 +438,31 @@ async def test_a_message_twice_in_one_group_takes_effect_once(db: Database) -> N
     assert sorted(record.calls) == ["other", "twice"]
     assert await count(db, things) == 2
     assert duplicates._value.get() == before + 1
+
+
+async def test_a_group_claims_the_keys_of_the_units_waiting_together_in_one_call(
+    db: Database,
+) -> None:
+    calls: list[list[str]] = []
+    taken = {"seen before"}
+
+    async def claim(session: AsyncConnection, keys: Sequence[str]) -> set[str]:
+        calls.append(list(keys))
+        fresh = set(keys) - taken
+        taken.update(keys)
+        return fresh
+
+    async def work(unit: UnitOfWork) -> bool:
+        return unit.claimed
+
+    transactions = Transactions(db, "/tests")
+    keys = ["a", "seen before", "b", "a"]
+    ran = await asyncio.gather(*(transactions.together(work, once=Once(k, claim)) for k in keys))
+
+    assert calls == [["a", "seen before", "b"]]  # one call, each key once
+    assert ran == [True, False, True, False]  # the second "a" is a copy of the first
+    assert await transactions.together(work, once=Once("b", claim)) is False
+    assert await transactions.together(work, once=Once("c", claim)) is True
 
 
 @pytest.mark.parametrize(
