@@ -34,26 +34,21 @@ PaymentHandler = Callable[[Delivery, UnitOfWork, PaymentGateway], Awaitable[None
 async def charge_payment(delivery: Delivery, unit: UnitOfWork, gateway: PaymentGateway) -> None:
     """Charge an order once; answer ``payment.succeeded`` or ``payment.failed``."""
     command = delivery.expect(PaymentCharge)
-    existing = await store.payment_for_order(unit.session, command.order_id)
-    if existing is None:
-        request = charging.ChargeRequest(
-            user_id=command.user_id,
-            amount=command.amount,
-            currency=command.currency,
-            provider=command.provider,
-            method=command.method,
-            order_id=command.order_id,
-        )
-        try:
-            await charging.charge(unit, gateway, request)  # publishes the outcome
-            return
-        except ChargeRefused as refused:
-            log.info("charge refused", order_id=command.order_id, reason=str(refused))
-            unit.publish(_failed(command, str(refused)))
-            return
-        except charging.AlreadyCharged as duplicate:  # a concurrent copy won the claim
-            existing = duplicate.payment
-    unit.publish(_answer_again(command, existing))
+    request = charging.ChargeRequest(
+        user_id=command.user_id,
+        amount=command.amount,
+        currency=command.currency,
+        provider=command.provider,
+        method=command.method,
+        order_id=command.order_id,
+    )
+    try:
+        await charging.charge(unit, gateway, request)  # publishes the outcome
+    except ChargeRefused as refused:
+        log.info("charge refused", order_id=command.order_id, reason=str(refused))
+        unit.publish(_failed(command, str(refused)))
+    except charging.AlreadyCharged as duplicate:  # the order's payment claimed it first
+        unit.publish(_answer_again(command, duplicate.payment))
 
 
 def _answer_again(command: PaymentCharge, existing: Payment) -> PaymentSucceeded | PaymentFailed:
