@@ -8,7 +8,7 @@ reservation for a cancelled order is released, a charge for it refunded.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from decimal import Decimal
@@ -110,11 +110,18 @@ async def step_answered(unit: UnitOfWork, order: Order, step: SagaStep) -> None:
 
 
 async def change_status(
-    unit: UnitOfWork, order: Order, new: OrderStatus, reason: str | None = None, **values: object
+    unit: UnitOfWork,
+    order: Order,
+    new: OrderStatus,
+    reason: str | None = None,
+    *,
+    prices: Mapping[str, Decimal] | None = None,
+    **values: object,
 ) -> Order:
-    """Move ``order`` to ``new`` (if the rules allow) and announce it."""
+    """Move ``order`` to ``new`` (if the rules allow) and announce it; ``prices``, by
+    product, replace its lines' unit prices."""
     check_transition(order.status, new)
-    await store.record_status(unit.session, order.id, new, reason, **values)
+    await store.record_status(unit.session, order.id, new, reason, prices=prices, **values)
     unit.publish(
         OrderStatusChanged(
             order_id=order.id,
@@ -140,11 +147,11 @@ async def stock_reserved(
     if order.status is not S.PENDING:
         await step_answered(unit, order, SagaStep.RESERVE)
         return  # a repeated reply
-    await store.set_line_prices(unit.session, order.id, prices)
     order = await change_status(
         unit,
         replace(order, total=total),
         S.PAYMENT_PROCESSING,
+        prices=prices,
         total_cents=store.cents(total),
         **awaiting(SagaStep.CHARGE, policy),
     )

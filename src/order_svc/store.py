@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -26,6 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.db import dialect_of
@@ -167,7 +168,6 @@ class Order:
 # Inserts and updates take their columns from the parameters they are given.
 _LOCK = Prepared(select(orders).where(orders.c.id == bindparam("order_key")).with_for_update())
 _INSERT_ORDER = insert(orders)
-_INSERT_ITEMS = Prepared(insert(order_items))
 _UPDATE_ORDER = update(orders).where(orders.c.id == bindparam("order_key"))
 _END_STEP = Prepared(_UPDATE_ORDER.where(orders.c.saga_step == bindparam("step")))
 # On PostgreSQL a change of status writes its history entry in the same statement (a
@@ -183,9 +183,33 @@ _ENTRY = insert(order_history).from_select(
         bindparam("entry_at", type_=DateTime(timezone=True)),
     ),
 )
+# Lines travel as arrays, one element a line, so an order of any size is one statement.
+_ITEMS = insert(order_items).from_select(
+    ["order_id", "product_id", "quantity", "unit_price_cents"],
+    select(
+        bindparam("order_key", type_=String),
+        func.unnest(bindparam("item_products", type_=ARRAY(String))),
+        func.unnest(bindparam("item_quantities", type_=ARRAY(Integer))),
+        func.unnest(bindparam("item_cents", type_=ARRAY(BigInteger))),
+    ),
+)
+_PRICES = select(
+    func.unnest(bindparam("item_products", type_=ARRAY(String))).label("product_id"),
+    func.unnest(bindparam("item_cents", type_=ARRAY(BigInteger))).label("cents"),
+).subquery("prices")
+_REPRICE = (
+    update(order_items)
+    .where(
+        (order_items.c.order_id == bindparam("order_key", type_=String))
+        & (order_items.c.product_id == _PRICES.c.product_id)
+    )
+    .values(unit_price_cents=_PRICES.c.cents)
+)
 _UPDATE_WITH_ENTRY = Prepared(_UPDATE_ORDER.add_cte(_ENTRY.cte("entry")))
-_INSERT_WITH_ENTRY = Prepared(_INSERT_ORDER.add_cte(_ENTRY.cte("entry")))
-_SET_LINE_PRICE = Prepared(
+_REPRICE_WITH_ENTRY = Prepared(_UPDATE_ORDER.add_cte(_ENTRY.cte("entry"), _REPRICE.cte("repriced")))
+_INSERT_WITH_ENTRY = Prepared(_INSERT_ORDER.add_cte(_ENTRY.cte("entry"), _ITEMS.cte("items")))
+_INSERT_ITEMS = insert(order_items)
+_SET_LINE_PRICE = (
     update(order_items)
     .where(
         (order_items.c.order_id == bindparam("order"))
@@ -208,20 +232,32 @@ Line = tuple[str, int, Decimal]
 async def insert_order(
     session: AsyncConnection, values: dict[str, Any], lines: Sequence[Line]
 ) -> None:
-    """Insert an order, its lines and the first history entry."""
+    """Insert an order, its lines and the first history entry.
+
+    ``values`` name every column that has a default: SQLAlchemy leaves column defaults out
+    of an INSERT with a WITH, as this is on PostgreSQL.
+    """
     first = _entry(values["id"], values["status"], None, values["created_at"])
     if dialect_of(session) == "postgresql":
-        await _INSERT_WITH_ENTRY.run(session, values | first)
-    else:
-        await session.execute(_INSERT_ORDER, values)
-        await session.execute(_ENTRY, first)
-    await _INSERT_ITEMS.run_many(
-        session,
+        await _INSERT_WITH_ENTRY.run(session, values | first | _items(lines))
+        return
+    await session.execute(_INSERT_ORDER, values)
+    await session.execute(_ENTRY, first)
+    await session.execute(
+        _INSERT_ITEMS,
         [
             {"order_id": values["id"], "product_id": p, "quantity": q, "unit_price_cents": cents(u)}
             for p, q, u in lines
         ],
     )
+
+
+def _items(lines: Sequence[Line]) -> dict[str, list[Any]]:
+    return {
+        "item_products": [product for product, _, _ in lines],
+        "item_quantities": [quantity for _, quantity, _ in lines],
+        "item_cents": [cents(price) for _, _, price in lines],
+    }
 
 
 async def update_order(session: AsyncConnection, order_id: str, **values: Any) -> None:
@@ -236,36 +272,40 @@ async def end_step(session: AsyncConnection, order_id: str, step: SagaStep) -> N
 
 
 async def record_status(
-    session: AsyncConnection, order_id: str, status: OrderStatus, reason: str | None, **values: Any
+    session: AsyncConnection,
+    order_id: str,
+    status: OrderStatus,
+    reason: str | None,
+    *,
+    prices: Mapping[str, Decimal] | None = None,
+    **values: Any,
 ) -> None:
-    """Set a new status with its reason, and append it to the history."""
+    """Set a new status with its reason, and append it to the history; with ``prices``,
+    replace the lines' provisional unit prices by these (product id: price)."""
     at = now()
     changes = {"order_key": order_id, "status": status, "status_reason": reason, "updated_at": at}
     entry = _entry(order_id, status, reason, at)
     if dialect_of(session) == "postgresql":
-        await _UPDATE_WITH_ENTRY.run(session, changes | values | entry)
-    else:
-        await session.execute(_UPDATE_ORDER, changes | values)
-        await session.execute(_ENTRY, entry)
+        if prices:
+            lines = [(product, 0, price) for product, price in prices.items()]
+            await _REPRICE_WITH_ENTRY.run(session, changes | values | entry | _items(lines))
+        else:
+            await _UPDATE_WITH_ENTRY.run(session, changes | values | entry)
+        return
+    await session.execute(_UPDATE_ORDER, changes | values)
+    await session.execute(_ENTRY, entry)
+    if prices:
+        await session.execute(
+            _SET_LINE_PRICE,
+            [
+                {"order": order_id, "product": product, "cents": cents(price)}
+                for product, price in prices.items()
+            ],
+        )
 
 
 def _entry(order_id: str, status: OrderStatus, reason: str | None, at: datetime) -> dict[str, Any]:
     return {"order_key": order_id, "entry_status": status, "entry_reason": reason, "entry_at": at}
-
-
-async def set_line_prices(
-    session: AsyncConnection, order_id: str, prices: dict[str, Decimal]
-) -> None:
-    """Replace provisional unit prices with the ones stock was reserved at (one statement)."""
-    if not prices:
-        return
-    await _SET_LINE_PRICE.run_many(
-        session,
-        [
-            {"order": order_id, "product": product_id, "cents": cents(unit_price)}
-            for product_id, unit_price in prices.items()
-        ],
-    )
 
 
 async def order_lines(session: AsyncConnection, order_id: str) -> list[tuple[str, int]]:

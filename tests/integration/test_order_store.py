@@ -1,0 +1,97 @@
+"""The order store's writes, on PostgreSQL (one statement each) and on SQLite (several)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from bus.db import Database
+from order_svc import saga, store
+from order_svc.domain import OrderStatus, SagaStep
+
+pytestmark = pytest.mark.integration
+
+LINES = [("laptop", 1, Decimal("999.99")), ("mouse", 2, Decimal("29.99"))]
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def db(
+    request: pytest.FixtureRequest, database_url: str, unique: str, tmp_path: Path
+) -> AsyncIterator[Database]:
+    if request.param == "postgresql":
+        database = Database(database_url, schema=unique, metadata=[store.metadata])
+    else:
+        database = Database(f"sqlite+aiosqlite:///{tmp_path}/order.db", metadata=[store.metadata])
+    await database.create_all()
+    yield database
+    if request.param == "postgresql":
+        await database.drop_schema()
+    await database.close()
+
+
+def _order(order_id: str) -> dict[str, Any]:
+    at = store.now()
+    return {
+        "id": order_id,
+        "user_id": "u-1",
+        "status": OrderStatus.PENDING,
+        "currency": "USD",
+        "total_cents": 105997,
+        "provider": "stripe",
+        "method": "card",
+        "correlation_id": order_id,
+        "created_at": at,
+        "updated_at": at,
+        "refund_requested": False,
+        **saga.awaiting(SagaStep.RESERVE, saga.Policy()),  # as the saga writes it
+    }
+
+
+async def _lines(db: Database, order_id: str) -> dict[str, tuple[int, int]]:
+    items = store.order_items
+    query = select(items.c.product_id, items.c.quantity, items.c.unit_price_cents).where(
+        items.c.order_id == order_id
+    )
+    async with db.session() as session:
+        return {row[0]: (row[1], row[2]) for row in await session.execute(query)}
+
+
+async def _history(db: Database, order_id: str) -> list[str]:
+    history = store.order_history
+    query = select(history.c.status).where(history.c.order_id == order_id)
+    async with db.session() as session:
+        return list((await session.scalars(query.order_by(history.c.id))).all())
+
+
+async def test_an_order_is_written_with_its_lines_and_first_entry(db: Database) -> None:
+    async with db.session() as session, session.begin():
+        await store.insert_order(session, _order("o-1"), LINES)
+
+    assert await _lines(db, "o-1") == {"laptop": (1, 99999), "mouse": (2, 2999)}
+    assert await _history(db, "o-1") == ["pending"]
+
+
+async def test_a_status_change_can_reprice_the_lines_of_its_order_only(db: Database) -> None:
+    async with db.session() as session, session.begin():
+        await store.insert_order(session, _order("o-1"), LINES)
+        await store.insert_order(session, _order("o-2"), LINES)
+    reserved_at = {"laptop": Decimal("999.99"), "mouse": Decimal("24.99")}
+
+    async with db.session() as session, session.begin():
+        await store.record_status(
+            session, "o-1", OrderStatus.PAYMENT_PROCESSING, None, prices=reserved_at
+        )
+        await store.record_status(session, "o-2", OrderStatus.CANCELLED, "out of stock")
+
+    assert await _lines(db, "o-1") == {"laptop": (1, 99999), "mouse": (2, 2499)}
+    assert await _lines(db, "o-2") == {"laptop": (1, 99999), "mouse": (2, 2999)}
+    assert await _history(db, "o-1") == ["pending", "payment_processing"]
+    async with db.session() as session:
+        changed = await store.lock_order(session, "o-2")
+    assert changed is not None
+    assert (changed.status, changed.status_reason) == (OrderStatus.CANCELLED, "out of stock")
