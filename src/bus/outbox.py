@@ -41,13 +41,15 @@ from sqlalchemy import (
     delete,
     func,
     insert,
+    literal_column,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Broker, Unroutable
-from bus.db import BUS_METADATA, Database
+from bus.db import BUS_METADATA, Database, dialect_of
 from bus.envelope import Envelope, Message
 from bus.observability import (
     EVENTS_UNHEARD,
@@ -81,7 +83,22 @@ Index("outbox_pending", outbox_table.c.id, postgresql_where=_pending, sqlite_whe
 
 
 # built once: building a statement costs more than sending it
-_INSERT = Prepared(insert(outbox_table))
+_INSERT = insert(outbox_table)
+# on PostgreSQL the rows go as arrays, one element a row: one statement for a group's rows,
+# where a statement per row (executemany) costs the server an execution each
+_INSERT_ALL = Prepared(
+    insert(outbox_table).from_select(
+        ["message_id", "type", "kind", "body", "created_at", "attempts"],
+        select(
+            func.unnest(bindparam("message_ids", type_=ARRAY(String))),
+            func.unnest(bindparam("types", type_=ARRAY(String))),
+            func.unnest(bindparam("kinds", type_=ARRAY(String))),
+            func.unnest(bindparam("bodies", type_=ARRAY(LargeBinary))),
+            bindparam("created_at", type_=DateTime(timezone=True)),
+            literal_column("0"),
+        ),
+    )
+)
 _MARK_PUBLISHED = where_among(
     update(outbox_table).values(published_at=bindparam("published_at")),
     outbox_table.c.message_id,
@@ -136,19 +153,21 @@ async def write_outbox(session: AsyncConnection, messages: Committed) -> None:
     if not messages:
         return
     now = _now()
-    await _INSERT.run_many(
-        session,
-        [
-            {
-                "message_id": e.id,
-                "type": e.type,
-                "kind": kind,
-                "body": e.to_json(),
-                "created_at": now,
-            }
-            for e, kind in messages
-        ],
-    )
+    if dialect_of(session) == "postgresql":
+        rows = {
+            "message_ids": [e.id for e, _ in messages],
+            "types": [e.type for e, _ in messages],
+            "kinds": [kind for _, kind in messages],
+            "bodies": [e.to_json() for e, _ in messages],
+            "created_at": now,
+        }
+        await _INSERT_ALL.run(session, rows)
+        return
+    rows_each = [
+        {"message_id": e.id, "type": e.type, "kind": kind, "body": e.to_json(), "created_at": now}
+        for e, kind in messages
+    ]
+    await session.execute(_INSERT, rows_each)
 
 
 # what a transaction wrote to the outbox, handed to the relay once it has committed
