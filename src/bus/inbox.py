@@ -12,15 +12,14 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 from prometheus_client import Counter
-from sqlalchemy import Column, DateTime, String, Table, bindparam, delete, func, select
+from sqlalchemy import Column, DateTime, String, Table, bindparam, delete, select
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery, Handler
 from bus.db import BUS_METADATA, dialect_of
 from bus.outbox import Claim, Once, Transactions, UnitOfWork
-from bus.prepared import Prepared, insert_or_skip
+from bus.prepared import Prepared, insert_or_skip, unnested
 
 log = structlog.get_logger("bus.inbox")
 
@@ -44,7 +43,7 @@ _CLAIM_ALL = Prepared(
         ["consumer", "message_id", "processed_at"],
         select(
             bindparam("consumer", type_=String),
-            func.unnest(bindparam("message_ids", type_=ARRAY(String))),
+            unnested("message_ids", String),
             bindparam("processed_at", type_=DateTime(timezone=True)),
         ),
     )

@@ -45,7 +45,6 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Broker, Unroutable
@@ -59,7 +58,7 @@ from bus.observability import (
     child,
     current_traceparent,
 )
-from bus.prepared import Prepared, where_among
+from bus.prepared import Prepared, unnested, where_among
 
 log = structlog.get_logger("bus.outbox")
 
@@ -90,10 +89,10 @@ _INSERT_ALL = Prepared(
     insert(outbox_table).from_select(
         ["message_id", "type", "kind", "body", "created_at", "attempts"],
         select(
-            func.unnest(bindparam("message_ids", type_=ARRAY(String))),
-            func.unnest(bindparam("types", type_=ARRAY(String))),
-            func.unnest(bindparam("kinds", type_=ARRAY(String))),
-            func.unnest(bindparam("bodies", type_=ARRAY(LargeBinary))),
+            unnested("message_ids", String),
+            unnested("types", String),
+            unnested("kinds", String),
+            unnested("bodies", LargeBinary),
             bindparam("created_at", type_=DateTime(timezone=True)),
             literal_column("0"),
         ),

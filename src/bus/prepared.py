@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy import ColumnElement, Table, any_, bindparam, exc
+from sqlalchemy import ColumnElement, Table, any_, bindparam, exc, func
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -159,6 +159,13 @@ def insert_or_skip(table: Table, *returning: Any) -> Prepared:
     """
     statement = postgresql.insert(table).on_conflict_do_nothing()
     return Prepared(statement.returning(*returning) if returning else statement)
+
+
+def unnested(name: str, kind: Any) -> Any:
+    """``unnest(:name)`` (PostgreSQL): a row for each element of the list given as ``name``,
+    a list of ``kind``. Rows sent so, as one array a column, are one statement however many
+    there are; several ``unnested`` in one SELECT go in step."""
+    return func.unnest(bindparam(name, type_=ARRAY(kind)))
 
 
 def where_among(statement: Any, column: ColumnElement[Any], name: str) -> Prepared:

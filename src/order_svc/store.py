@@ -26,11 +26,10 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.db import dialect_of
-from bus.prepared import Prepared, Row
+from bus.prepared import Prepared, Row, unnested
 from order_svc.domain import OrderStatus, SagaStep
 
 metadata = MetaData()
@@ -188,14 +187,14 @@ _ITEMS = insert(order_items).from_select(
     ["order_id", "product_id", "quantity", "unit_price_cents"],
     select(
         bindparam("order_key", type_=String),
-        func.unnest(bindparam("item_products", type_=ARRAY(String))),
-        func.unnest(bindparam("item_quantities", type_=ARRAY(Integer))),
-        func.unnest(bindparam("item_cents", type_=ARRAY(BigInteger))),
+        unnested("item_products", String),
+        unnested("item_quantities", Integer),
+        unnested("item_cents", BigInteger),
     ),
 )
 _PRICES = select(
-    func.unnest(bindparam("item_products", type_=ARRAY(String))).label("product_id"),
-    func.unnest(bindparam("item_cents", type_=ARRAY(BigInteger))).label("cents"),
+    unnested("item_products", String).label("product_id"),
+    unnested("item_cents", BigInteger).label("cents"),
 ).subquery("prices")
 _REPRICE = (
     update(order_items)
