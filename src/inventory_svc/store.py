@@ -32,7 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.prepared import Prepared, insert_or_skip
+from bus.db import dialect_of
+from bus.prepared import Prepared, insert_or_skip, unnested
 from inventory_svc.domain import ReservationStatus, StockDelta
 
 metadata = MetaData()
@@ -228,10 +229,21 @@ _HOLD_UNITS = Prepared(
     .values(reserved=products.c.reserved + bindparam("quantity"))
     .returning(products.c.price)
 )
-_UPDATE_RESERVATION = Prepared(
-    update(reservations).where(reservations.c.order_id == bindparam("order_key"))
+_UPDATE = update(reservations).where(reservations.c.order_id == bindparam("order_key"))
+_UPDATE_RESERVATION = Prepared(_UPDATE)
+_INSERT_LINES = insert(reservation_lines)
+# on PostgreSQL the lines go in with the update, as arrays: one statement for any number
+_NEW_LINES = insert(reservation_lines).from_select(
+    ["order_id", "product_id", "quantity", "unit_price", "available"],
+    select(
+        bindparam("order_key", type_=String),
+        unnested("line_products", String),
+        unnested("line_quantities", BigInteger),
+        unnested("line_prices", Numeric(12, 2)),
+        unnested("line_available", BigInteger),
+    ),
 )
-_INSERT_LINES = Prepared(insert(reservation_lines))
+_UPDATE_WITH_LINES = Prepared(_UPDATE.add_cte(_NEW_LINES.cte("lines")))
 _CLAIM_RESERVATION = insert_or_skip(reservations)
 # a reservation with its lines, one row per line (one row with empty line columns when it
 # has none): one round trip; FOR UPDATE locks the reservation, not its lines
@@ -332,10 +344,24 @@ async def update_reservation(
         values["total"] = total
     if reason is not None:
         values["reason"] = reason
-    await _UPDATE_RESERVATION.run(session, {"order_key": order_id, **values})
-    await _INSERT_LINES.run_many(
-        session, [{"order_id": order_id, **asdict(line)} for line in lines]
-    )
+    changes = {"order_key": order_id, **values}
+    if not lines:
+        await _UPDATE_RESERVATION.run(session, changes)
+    elif dialect_of(session) == "postgresql":
+        await _UPDATE_WITH_LINES.run(
+            session,
+            changes
+            | {
+                "line_products": [line.product_id for line in lines],
+                "line_quantities": [line.quantity for line in lines],
+                "line_prices": [line.unit_price for line in lines],
+                "line_available": [line.available for line in lines],
+            },
+        )
+    else:
+        await _UPDATE_RESERVATION.run(session, changes)
+        lines_each = [{"order_id": order_id, **asdict(line)} for line in lines]
+        await session.execute(_INSERT_LINES, lines_each)
 
 
 async def get_reservation(

@@ -66,6 +66,10 @@ async def test_reserve_is_all_or_nothing_when_one_line_falls_short(shop: Invento
     assert (await shop.counters(plenty))["reserved"] == 0  # the held line was undone
     assert shop.answers(order) == ["stock.rejected"]
 
+    await shop.send(reserve(order, (plenty, 2), (scarce, 2)))  # answered from what was stored
+    await eventually(lambda: len(shop.events("stock.rejected", order_id=order)) == 2)
+    assert shop.events("stock.rejected", order_id=order) == [rejected, rejected]
+
 
 async def test_reserve_of_an_unknown_product_is_rejected_with_nothing_available(
     shop: Inventory,
