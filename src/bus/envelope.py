@@ -77,7 +77,7 @@ class Envelope(BaseModel):
 
     specversion: Literal["1.0"] = "1.0"
     # required even though we always set it: the inbox deduplicates by it
-    id: str = Field(min_length=1)
+    id: str = Field(min_length=1, max_length=64)  # the inbox and outbox keep 64
     source: str = Field(min_length=1)
     type: str = Field(min_length=1)
     time: datetime = Field(default_factory=_now)

@@ -35,8 +35,8 @@ inbox_table = Table(
     Column("processed_at", DateTime(timezone=True), nullable=False, index=True),
 )
 
-_CLAIM = insert_or_skip(inbox_table)
-# on PostgreSQL, the ids of every message a group handles in one statement
+_CLAIM_ONE = insert_or_skip(inbox_table)
+# PostgreSQL takes every id of a group's wave in one statement
 _CLAIM_ALL = Prepared(
     postgresql.insert(inbox_table)
     .from_select(
@@ -54,25 +54,25 @@ _CLAIM_ALL = Prepared(
 UnitHandler = Callable[[Delivery, UnitOfWork], Awaitable[None]]
 
 
-async def claim(session: AsyncConnection, consumer: str, message_id: str) -> bool:
-    """Record that ``consumer`` handles ``message_id``; False if it already did.
+def claims_of(consumer: str) -> Claim:
+    """Record that ``consumer`` handles these message ids; the ones it had not before.
 
     ``ON CONFLICT DO NOTHING`` keeps the transaction usable on a duplicate, and on
-    PostgreSQL a concurrent copy waits on the key until the first commits.
+    PostgreSQL a concurrent copy waits on the key until the first commits. There the ids
+    go in one statement; elsewhere (SQLite) one statement each.
     """
-    row = {"consumer": consumer, "message_id": message_id, "processed_at": datetime.now(UTC)}
-    return bool(await _CLAIM.run(session, row))
-
-
-def claims_of(consumer: str) -> Claim:
-    """:func:`claim` for many message ids at once: the ones ``consumer`` had not handled."""
 
     async def claim_all(session: AsyncConnection, message_ids: Sequence[str]) -> set[str]:
-        if dialect_of(session) != "postgresql":
-            return {m for m in message_ids if await claim(session, consumer, m)}
-        claims = {"consumer": consumer, "message_ids": list(message_ids)}
-        rows = await _CLAIM_ALL.rows(session, claims | {"processed_at": datetime.now(UTC)})
-        return {row["message_id"] for row in rows}
+        now = datetime.now(UTC)
+        if dialect_of(session) == "postgresql":
+            claims = {"consumer": consumer, "message_ids": list(message_ids), "processed_at": now}
+            return {row["message_id"] for row in await _CLAIM_ALL.rows(session, claims)}
+        fresh = set()
+        for message_id in message_ids:
+            claim = {"consumer": consumer, "message_id": message_id, "processed_at": now}
+            if await _CLAIM_ONE.run(session, claim):
+                fresh.add(message_id)
+        return fresh
 
     return claim_all
 
@@ -82,8 +82,8 @@ def idempotent(transactions: Transactions, consumer: str, handler: UnitHandler) 
 
     The handler gets a :class:`UnitOfWork` whose changes, outgoing messages and inbox mark
     commit together, in a transaction shared with the messages that arrive at the same
-    moment (see :meth:`Transactions.together`), which claims their ids in one statement;
-    the broker acks only after that commit. A handler whose group fails runs again alone,
+    moment (see :meth:`Transactions.together`), which claims their ids together; the
+    broker acks only after that commit. A handler whose group fails runs again alone,
     so it gets its own retry or dead letter and the others commit.
     """
     claim_all = claims_of(consumer)

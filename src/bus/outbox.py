@@ -41,7 +41,6 @@ from sqlalchemy import (
     delete,
     func,
     insert,
-    literal_column,
     select,
     update,
 )
@@ -87,14 +86,13 @@ _INSERT = insert(outbox_table)
 # where a statement per row (executemany) costs the server an execution each
 _INSERT_ALL = Prepared(
     insert(outbox_table).from_select(
-        ["message_id", "type", "kind", "body", "created_at", "attempts"],
+        ["message_id", "type", "kind", "body", "created_at"],
         select(
             unnested("message_ids", String),
             unnested("types", String),
             unnested("kinds", String),
             unnested("bodies", LargeBinary),
             bindparam("created_at", type_=DateTime(timezone=True)),
-            literal_column("0"),
         ),
     )
 )
@@ -179,8 +177,8 @@ Claim = Callable[[AsyncConnection, Sequence[str]], Coroutine[Any, Any, set[str]]
 @dataclass(frozen=True, slots=True)
 class Once:
     """What makes a unit of work take effect once: a key its transaction claims before the
-    work runs (the inbox's message id). Units of one group that name the same ``claim``
-    have their keys claimed in one statement."""
+    work runs (the inbox's message id). Units waiting together in a group (a wave) that
+    name the same ``claim`` have their keys claimed in one call."""
 
     key: str
     claim: Claim
@@ -256,15 +254,15 @@ class Transactions:
         the keys of the units waiting beside it; the work finds ``unit.claimed`` False
         when the key was claimed before.
 
-        When a unit's ``work`` fails, the group is rolled back and every unit's ``work``
-        runs again in a transaction of its own (:meth:`begin`): the one that failed fails
-        alone, the others commit. So ``work`` must be safe to run twice, and it holds its
-        row locks until its group commits: work that calls something slow or that must not
-        run twice (a payment provider) must not be grouped. When the database fails (BEGIN,
-        the claims, the outbox write, COMMIT), every unit of the group gets that error. A
-        caller that is cancelled leaves its unit to the group: it commits if the group does,
-        and is dropped if the group rolls back (a message then comes back, as it was not
-        acked).
+        When a unit's ``work`` fails, or a claim of keys does, the group is rolled back and
+        every unit's ``work`` runs again in a transaction of its own (:meth:`begin`): the
+        one that failed fails alone, the others commit. So ``work`` must be safe to run
+        twice, and it holds its row locks until its group commits: work that calls
+        something slow or that must not run twice (a payment provider) must not be grouped.
+        When the database fails (BEGIN, the outbox write, COMMIT), every unit of the group
+        gets that error. A caller that is cancelled leaves its unit to the group: it
+        commits if the group does, and is dropped if the group rolls back (a message then
+        comes back, as it was not acked).
         """
         if self.group_size > 1:
             member = _Member(work, causation, once, contextvars.copy_context())
@@ -297,10 +295,14 @@ class Transactions:
                 while group.waiting:
                     wave = list(group.waiting)  # what waits now; more may join meanwhile
                     group.waiting.clear()
-                    unclaimed = await _unclaimed(session, wave)
+                    try:
+                        seen = await _claimed_before(session, wave)
+                    except Exception:  # a key the database refuses: each claims alone
+                        group.closed = True
+                        raise _RollBack from None
                     for member in wave:
                         unit = UnitOfWork(session, self.source, member.causation)
-                        unit.claimed = member not in unclaimed
+                        unit.claimed = member not in seen
                         running: asyncio.Task[object] = asyncio.create_task(
                             member.work(unit), context=member.context
                         )
@@ -318,7 +320,7 @@ class Transactions:
             for member in group.everyone:
                 member.outcome.set_result(_ALONE)
             return
-        except Exception as error:  # BEGIN, the claims, the outbox write or COMMIT failed
+        except Exception as error:  # BEGIN, the outbox write or COMMIT failed
             group.closed = True
             log.warning("group commit failed", size=len(group.everyone), exc_info=True)
             for member in group.everyone:
@@ -353,23 +355,23 @@ class _RollBack(Exception):
     """A unit of the group failed: undo the group's work."""
 
 
-async def _unclaimed(session: AsyncConnection, wave: list[_Member]) -> set[_Member]:
-    """Claim the keys of a wave of units, one statement per ``Claim``; the units whose key
-    was claimed before. Of two with one key (a message delivered twice at once), the second.
+async def _claimed_before(session: AsyncConnection, wave: list[_Member]) -> set[_Member]:
+    """Claim the keys of a wave of units, one call per ``Claim``; the units whose key was
+    claimed before. Of two with one key (a message delivered twice at once), the second.
     """
     by_claim: dict[Claim, list[tuple[str, _Member]]] = {}
     for member in wave:
         if member.once is not None:
             by_claim.setdefault(member.once.claim, []).append((member.once.key, member))
-    unclaimed = set()
+    seen = set()
     for claim, keyed in by_claim.items():
         fresh = await claim(session, list(dict.fromkeys(key for key, _ in keyed)))
         for key, member in keyed:
             if key in fresh:
                 fresh.discard(key)
             else:
-                unclaimed.add(member)
-    return unclaimed
+                seen.add(member)
+    return seen
 
 
 @dataclass(eq=False)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from sqlalchemy import ColumnElement, Table, any_, bindparam, exc, func
+from sqlalchemy import ColumnElement, String, Table, any_, bindparam, exc, func
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -175,8 +175,10 @@ def where_among(statement: Any, column: ColumnElement[Any], name: str) -> Prepar
     list's length, prepared once per connection, where each length of ``IN`` list is a
     statement of its own to parse. SQLAlchemy sends an ``IN`` list, which any database reads.
     """
+    # an array of varchar(n) would cut longer values to n, and match what IN would not
+    kind = String() if isinstance(column.type, String) else column.type
     return Prepared(
-        statement.where(column == any_(bindparam(name, type_=ARRAY(column.type)))),
+        statement.where(column == any_(bindparam(name, type_=ARRAY(kind)))),
         elsewhere=statement.where(column.in_(bindparam(name, expanding=True))),
     )
 
@@ -270,7 +272,7 @@ async def _as_sqlalchemy(
 ) -> exc.DBAPIError:
     """asyncpg's ``error`` as SQLAlchemy would have raised it; a connection that is gone is
     invalidated first. Called on failure: a context manager around every statement cost
-    about 1.7 us a statement, some 50 us an order."""
+    about 2.1 us a statement, some 60 us an order."""
     if driver.is_closed() or isinstance(error, _BROKEN):
         await session.invalidate(error)
         return exc.DBAPIError(sql, args, error, connection_invalidated=True)

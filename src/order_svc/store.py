@@ -182,6 +182,11 @@ _ENTRY = insert(order_history).from_select(
         bindparam("entry_at", type_=DateTime(timezone=True)),
     ),
 )
+_ORDER_DEFAULTS = {
+    column.key: column.default.arg  # type: ignore[attr-defined]
+    for column in orders.c
+    if column.default is not None and column.default.is_scalar
+}
 # Lines travel as arrays, one element a line, so an order of any size is one statement.
 _ITEMS = insert(order_items).from_select(
     ["order_id", "product_id", "quantity", "unit_price_cents"],
@@ -193,8 +198,8 @@ _ITEMS = insert(order_items).from_select(
     ),
 )
 _PRICES = select(
-    unnested("item_products", String).label("product_id"),
-    unnested("item_cents", BigInteger).label("cents"),
+    unnested("price_products", String).label("product_id"),
+    unnested("price_cents", BigInteger).label("cents"),
 ).subquery("prices")
 _REPRICE = (
     update(order_items)
@@ -231,32 +236,26 @@ Line = tuple[str, int, Decimal]
 async def insert_order(
     session: AsyncConnection, values: dict[str, Any], lines: Sequence[Line]
 ) -> None:
-    """Insert an order, its lines and the first history entry.
-
-    ``values`` name every column that has a default: SQLAlchemy leaves column defaults out
-    of an INSERT with a WITH, as this is on PostgreSQL.
-    """
+    """Insert an order, its lines and the first history entry."""
+    # SQLAlchemy leaves column defaults out of an INSERT with a WITH: they go in here
+    values = _ORDER_DEFAULTS | values
     first = _entry(values["id"], values["status"], None, values["created_at"])
     if dialect_of(session) == "postgresql":
-        await _INSERT_WITH_ENTRY.run(session, values | first | _items(lines))
+        items = {
+            "item_products": [product for product, _, _ in lines],
+            "item_quantities": [quantity for _, quantity, _ in lines],
+            "item_cents": [cents(price) for _, _, price in lines],
+        }
+        await _INSERT_WITH_ENTRY.run(session, values | first | items)
         return
     await session.execute(_INSERT_ORDER, values)
     await session.execute(_ENTRY, first)
-    await session.execute(
-        _INSERT_ITEMS,
-        [
+    if lines:
+        items_each = [
             {"order_id": values["id"], "product_id": p, "quantity": q, "unit_price_cents": cents(u)}
             for p, q, u in lines
-        ],
-    )
-
-
-def _items(lines: Sequence[Line]) -> dict[str, list[Any]]:
-    return {
-        "item_products": [product for product, _, _ in lines],
-        "item_quantities": [quantity for _, quantity, _ in lines],
-        "item_cents": [cents(price) for _, _, price in lines],
-    }
+        ]
+        await session.execute(_INSERT_ITEMS, items_each)
 
 
 async def update_order(session: AsyncConnection, order_id: str, **values: Any) -> None:
@@ -286,21 +285,22 @@ async def record_status(
     entry = _entry(order_id, status, reason, at)
     if dialect_of(session) == "postgresql":
         if prices:
-            lines = [(product, 0, price) for product, price in prices.items()]
-            await _REPRICE_WITH_ENTRY.run(session, changes | values | entry | _items(lines))
+            repriced = {
+                "price_products": list(prices),
+                "price_cents": [cents(price) for price in prices.values()],
+            }
+            await _REPRICE_WITH_ENTRY.run(session, changes | values | entry | repriced)
         else:
             await _UPDATE_WITH_ENTRY.run(session, changes | values | entry)
         return
     await session.execute(_UPDATE_ORDER, changes | values)
     await session.execute(_ENTRY, entry)
     if prices:
-        await session.execute(
-            _SET_LINE_PRICE,
-            [
-                {"order": order_id, "product": product, "cents": cents(price)}
-                for product, price in prices.items()
-            ],
-        )
+        prices_each = [
+            {"order": order_id, "product": product, "cents": cents(price)}
+            for product, price in prices.items()
+        ]
+        await session.execute(_SET_LINE_PRICE, prices_each)
 
 
 def _entry(order_id: str, status: OrderStatus, reason: str | None, at: datetime) -> dict[str, Any]:

@@ -45,6 +45,11 @@ async def charge_payment(delivery: Delivery, unit: UnitOfWork, gateway: PaymentG
     try:
         await charging.charge(unit, gateway, request)  # publishes the outcome
     except ChargeRefused as refused:
+        # a copy of a charge made before answers with it, whatever would refuse it now
+        existing = await store.payment_for_order(unit.session, command.order_id)
+        if existing is not None:
+            unit.publish(_answer_again(command, existing))
+            return
         log.info("charge refused", order_id=command.order_id, reason=str(refused))
         unit.publish(_failed(command, str(refused)))
     except charging.AlreadyCharged as duplicate:  # the order's payment claimed it first

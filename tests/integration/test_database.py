@@ -226,7 +226,7 @@ async def test_a_list_of_any_length_is_one_statement_for_asyncpg(
         assert len(ours) == 1  # parsed once for the three lengths
 
 
-async def test_a_group_claims_its_message_ids_in_one_statement(
+async def test_many_message_ids_are_claimed_in_one_statement(
     postgres: Database, through_sqlalchemy: list[str]
 ) -> None:
     claim_all = claims_of("things")

@@ -235,6 +235,20 @@ async def test_a_declined_order_answers_its_recorded_failure_again(
     assert not events.about("payment.succeeded", order_id=order_id)
 
 
+async def test_a_copy_that_would_be_refused_now_answers_the_recorded_charge(
+    service: Service, events: EventLog, amqp: AmqpBroker
+) -> None:
+    order_id = new_order()
+    await amqp.publish(charge(order_id))
+    (first,) = await events.wait_for("payment.succeeded", order_id=order_id)
+
+    await amqp.publish(charge(order_id, method="tok_unsupported"))  # refused, were it new
+
+    answers = await events.wait_for("payment.succeeded", count=2, order_id=order_id)
+    assert answers[1].data == first.data
+    assert not events.about("payment.failed", order_id=order_id)
+
+
 async def test_refund_command_refunds_the_rest_and_a_repeat_answers_the_same_refund(
     service: Service, events: EventLog, amqp: AmqpBroker, tokens: Tokens
 ) -> None:

@@ -82,6 +82,11 @@ def test_messages_are_frozen() -> None:
             "specversion",
         ),
         (
+            b'{"specversion": "1.0", "id": "' + b"x" * 65 + b'", "type": "price.set",'
+            b' "source": "/s", "data": {}}',
+            "id: String should have at most 64 characters",
+        ),
+        (
             b'{"specversion": "1.0", "id": "1", "type": "nope", "source": "/s", "data": {}}',
             "unknown message type 'nope'",
         ),

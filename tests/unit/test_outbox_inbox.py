@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bus.broker import Delivery
 from bus.db import Database
 from bus.envelope import Command, Envelope, Event, MessageRegistry
-from bus.inbox import DUPLICATES, idempotent, inbox_table
+from bus.inbox import DUPLICATES, claims_of, idempotent, inbox_table
 from bus.memory import MemoryBroker
 from bus.observability import EVENTS_UNHEARD, UNITS_PER_TRANSACTION
 from bus.outbox import Committed, Once, OutboxRelay, Transactions, UnitOfWork, outbox_table
@@ -463,6 +463,49 @@ async def test_a_group_claims_the_keys_of_the_units_waiting_together_in_one_call
     assert ran == [True, False, True, False]  # the second "a" is a copy of the first
     assert await transactions.together(work, once=Once("b", claim)) is False
     assert await transactions.together(work, once=Once("c", claim)) is True
+
+
+async def test_a_key_the_database_refuses_fails_its_unit_alone(db: Database) -> None:
+    async def claim(session: AsyncConnection, keys: Sequence[str]) -> set[str]:
+        if "x" * 65 in keys:
+            raise ValueError("value too long for type character varying(64)")
+        return set(keys)
+
+    async def work(unit: UnitOfWork) -> bool:
+        await unit.session.execute(things.insert().values(name="made"))
+        return unit.claimed
+
+    transactions = Transactions(db, "/tests")
+    keys = ["a", "x" * 65, "b"]
+    results = await asyncio.gather(
+        *(transactions.together(work, once=Once(k, claim)) for k in keys), return_exceptions=True
+    )
+
+    assert [type(r) for r in results] == [bool, ValueError, bool]
+    assert await count(db, things) == 2  # the others committed, alone
+
+
+async def test_a_copy_that_joins_a_later_wave_of_the_group_is_skipped(db: Database) -> None:
+    transactions = Transactions(db, "/tests")
+    claim = claims_of("things")
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(unit: UnitOfWork) -> bool:
+        started.set()
+        await release.wait()
+        return unit.claimed
+
+    async def quick(unit: UnitOfWork) -> bool:
+        return unit.claimed
+
+    first = asyncio.create_task(transactions.together(slow, once=Once("m-1", claim)))
+    await started.wait()
+    copy = asyncio.create_task(transactions.together(quick, once=Once("m-1", claim)))
+    await asyncio.sleep(0)  # it waits in the running group, for its next wave
+    release.set()
+
+    assert (await first, await copy) == (True, False)
+    assert await count(db, inbox_table) == 1
 
 
 @pytest.mark.parametrize(
