@@ -69,8 +69,8 @@ def claims_of(consumer: str) -> Claim:
             return {row["message_id"] for row in await _CLAIM_ALL.rows(session, claims)}
         fresh = set()
         for message_id in message_ids:
-            claim = {"consumer": consumer, "message_id": message_id, "processed_at": now}
-            if await _CLAIM_ONE.run(session, claim):
+            row = {"consumer": consumer, "message_id": message_id, "processed_at": now}
+            if await _CLAIM_ONE.run(session, row):
                 fresh.add(message_id)
         return fresh
 

@@ -259,8 +259,8 @@ class Transactions:
         one that failed fails alone, the others commit. So ``work`` must be safe to run
         twice, and it holds its row locks until its group commits: work that calls
         something slow or that must not run twice (a payment provider) must not be grouped.
-        When the database fails (BEGIN, the outbox write, COMMIT), every unit of the group
-        gets that error. A caller that is cancelled leaves its unit to the group: it
+        When no connection can be had, or the outbox write or COMMIT fails, every unit of
+        the group gets that error. A caller that is cancelled leaves its unit to the group: it
         commits if the group does, and is dropped if the group rolls back (a message then
         comes back, as it was not acked).
         """
@@ -297,9 +297,10 @@ class Transactions:
                     group.waiting.clear()
                     try:
                         seen = await _claimed_before(session, wave)
-                    except Exception:  # a key the database refuses: each claims alone
+                    except Exception:  # a refused key, a deadlock, a lost connection
+                        log.info("claiming a group's keys failed", exc_info=True)
                         group.closed = True
-                        raise _RollBack from None
+                        raise _RollBack from None  # each unit claims again, alone
                     for member in wave:
                         unit = UnitOfWork(session, self.source, member.causation)
                         unit.claimed = member not in seen
@@ -320,7 +321,7 @@ class Transactions:
             for member in group.everyone:
                 member.outcome.set_result(_ALONE)
             return
-        except Exception as error:  # BEGIN, the outbox write or COMMIT failed
+        except Exception as error:  # no connection, or the outbox write or COMMIT failed
             group.closed = True
             log.warning("group commit failed", size=len(group.everyone), exc_info=True)
             for member in group.everyone:

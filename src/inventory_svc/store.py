@@ -229,10 +229,8 @@ _HOLD_UNITS = Prepared(
     .values(reserved=products.c.reserved + bindparam("quantity"))
     .returning(products.c.price)
 )
-_RESERVATION_BY_ORDER = update(reservations).where(
-    reservations.c.order_id == bindparam("order_key")
-)
-_UPDATE_RESERVATION = Prepared(_RESERVATION_BY_ORDER)
+_UPDATE_BY_ORDER = update(reservations).where(reservations.c.order_id == bindparam("order_key"))
+_UPDATE_RESERVATION = Prepared(_UPDATE_BY_ORDER)
 _INSERT_LINES = insert(reservation_lines)
 # on PostgreSQL the lines go in with the update, as arrays: one statement for any number
 _NEW_LINES = insert(reservation_lines).from_select(
@@ -245,7 +243,7 @@ _NEW_LINES = insert(reservation_lines).from_select(
         unnested("line_available", BigInteger),
     ),
 )
-_UPDATE_WITH_LINES = Prepared(_RESERVATION_BY_ORDER.add_cte(_NEW_LINES.cte("lines")))
+_UPDATE_WITH_LINES = Prepared(_UPDATE_BY_ORDER.add_cte(_NEW_LINES.cte("lines")))
 _CLAIM_RESERVATION = insert_or_skip(reservations)
 # a reservation with its lines, one row per line (one row with empty line columns when it
 # has none): one round trip; FOR UPDATE locks the reservation, not its lines

@@ -216,10 +216,13 @@ async def test_a_list_of_any_length_is_one_statement_for_asyncpg(
 ) -> None:
     among = where_among(select(effects.c.name), effects.c.name, "names")
     async with postgres.reading() as reader:
-        await _ADD.run_many(reader, [{"name": name} for name in "abcd"])
-        for names in (["a"], ["b", "c", "x"], []):
+        stored = [*"abcd", "n" * 100]  # the longest name the column holds
+        await _ADD.run_many(reader, [{"name": name} for name in stored])
+        # a name longer than the column matches nothing, as with IN (cast to the column's
+        # varchar(100), it would have been cut to one that is there)
+        for names in (["a"], ["b", "c", "x"], [], ["n" * 101]):
             found = sorted(row["name"] for row in await among.rows(reader, {"names": names}))
-            assert found == sorted(set(names) & set("abcd"))
+            assert found == sorted(set(names) & set(stored))
         assert through_sqlalchemy == []
         prepared = await reader.scalars(text("SELECT statement FROM pg_prepared_statements"))
         ours = [sql for sql in prepared if "effects.name = ANY" in sql]

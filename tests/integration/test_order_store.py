@@ -71,8 +71,10 @@ async def _history(db: Database, order_id: str) -> list[str]:
 
 async def test_an_order_is_written_with_its_lines_and_first_entry(db: Database) -> None:
     async with db.session() as session, session.begin():
-        assert await store.lock_order(session, "o-1") is None  # BEGIN goes with it
-        await store.insert_order(session, _order("o-1"), LINES)  # on PostgreSQL, asyncpg's
+        # SQLAlchemy sends a transaction's first statement (with BEGIN), asyncpg the rest:
+        # the inserts go as the saga's do, after its first statement
+        assert await store.lock_order(session, "o-1") is None
+        await store.insert_order(session, _order("o-1"), LINES)
         bare = {k: v for k, v in _order("o-2").items() if k not in _DEFAULTED}
         await store.insert_order(session, bare, [])
 
@@ -92,7 +94,7 @@ async def test_a_status_change_can_reprice_the_lines_of_its_order_only(db: Datab
     reserved_at = {"laptop": Decimal("999.99"), "mouse": Decimal("24.99")}
 
     async with db.session() as session, session.begin():
-        assert await store.lock_order(session, "o-1") is not None  # as the saga does, first
+        assert await store.lock_order(session, "o-1") is not None  # first, as in the saga
         await store.record_status(
             session, "o-1", OrderStatus.PAYMENT_PROCESSING, None, prices=reserved_at
         )

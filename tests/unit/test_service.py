@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from pathlib import Path
 from typing import ClassVar
 
@@ -122,12 +123,21 @@ async def test_unknown_handled_type_is_rejected_not_retried(tmp_path: Path) -> N
         await service.stop()
 
 
+class _Node:
+    next: _Node | None = None
+
+
 def test_a_started_process_hides_what_it_holds_from_the_collector() -> None:
     before = gc.get_threshold()
     held = ["built at start"]
     assert any(tracked is held for tracked in gc.get_objects())
+    garbage = _Node()
+    garbage.next = garbage  # a cycle only the collector frees
+    left_over = weakref.ref(garbage)
+    del garbage
     try:
         quiet_collector()
+        assert left_over() is None  # collected, not frozen for good
         assert not any(tracked is held for tracked in gc.get_objects())  # frozen
         assert gc.get_threshold() == (YOUNG_COLLECTION_EVERY, *before[1:])
     finally:
