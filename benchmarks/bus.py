@@ -39,8 +39,8 @@ from bus.db import Database
 from bus.envelope import Envelope, Event, MessageRegistry
 from bus.inbox import idempotent
 from bus.observability import configure_tracing
-from bus.outbox import Transactions, UnitOfWork
 from bus.service import run as run_loop
+from bus.transactions import Transactions, UnitOfWork
 
 WINDOW = 500
 PREFETCH = 256

@@ -18,8 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery, Handler
 from bus.db import BUS_METADATA, dialect_of
-from bus.outbox import Claim, Once, Transactions, UnitOfWork
 from bus.prepared import Prepared, insert_or_skip, unnested
+from bus.transactions import Claim, Once, Transactions, UnitOfWork
 
 log = structlog.get_logger("bus.inbox")
 

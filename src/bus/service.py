@@ -30,9 +30,10 @@ from bus.inbox import UnitHandler, idempotent, prune
 from bus.memory import MemoryBroker
 from bus.messages import ServiceHeartbeat, ServiceStopped
 from bus.observability import configure_logging, configure_tracing
-from bus.outbox import OutboxRelay, Transactions, UnitOfWork
+from bus.outbox import OutboxRelay
 from bus.resilience import retry_call
 from bus.settings import Settings
+from bus.transactions import Transactions, UnitOfWork
 from bus.web import TRANSACTIONS, Api, Health, create_app
 
 log = structlog.get_logger("bus.service")

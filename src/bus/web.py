@@ -29,7 +29,6 @@ from bus.api import PRINCIPAL, VERIFIER, Api, Page, json_response, page_params, 
 from bus.auth import TokenVerifier
 from bus.health import HEALTH, Health
 from bus.observability import HTTP_REQUESTS, HTTP_SECONDS, extract_trace, tracer
-from bus.outbox import Transactions
 from bus.problems import (
     Conflict,
     Forbidden,
@@ -40,6 +39,7 @@ from bus.problems import (
     problem_response,
 )
 from bus.settings import Settings
+from bus.transactions import Transactions
 
 # services import their HTTP vocabulary from here
 __all__ = [

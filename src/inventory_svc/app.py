@@ -17,8 +17,8 @@ from pydantic import Field
 import bus.settings
 from bus.db import Database
 from bus.envelope import MessageRegistry
-from bus.outbox import Transactions
 from bus.service import Service, token_verifier
+from bus.transactions import Transactions
 from bus.web import TRANSACTIONS
 from inventory_svc import store
 from inventory_svc.api import RESERVATION_TTL, api

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bus.broker import Delivery, Reject
 from bus.envelope import Event
 from bus.inbox import UnitHandler
-from bus.outbox import Transactions, UnitOfWork
+from bus.transactions import Transactions, UnitOfWork
 from inventory_svc import domain, store
 from inventory_svc.domain import CommitDecision, ReservationStatus
 from inventory_svc.messages import (

@@ -13,7 +13,7 @@ from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.outbox import UnitOfWork
+from bus.transactions import UnitOfWork
 from bus.web import (
     CORRELATION_ID,
     TRANSACTIONS,

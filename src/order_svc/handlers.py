@@ -10,7 +10,7 @@ import structlog
 from bus.broker import Delivery, Reject
 from bus.envelope import Message
 from bus.inbox import UnitHandler
-from bus.outbox import UnitOfWork
+from bus.transactions import UnitOfWork
 from inventory_svc.messages import (
     ProductCreated,
     ProductUpdated,

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from bus.envelope import Message
-from bus.outbox import UnitOfWork
+from bus.transactions import UnitOfWork
 from inventory_svc.messages import LineItem, StockCommit, StockRelease, StockReserve
 from order_svc import store
 from order_svc.domain import (

@@ -14,7 +14,7 @@ import structlog
 
 from bus.broker import Delivery
 from bus.inbox import UnitHandler
-from bus.outbox import UnitOfWork
+from bus.transactions import UnitOfWork
 from payment_svc import charging, refunding, store
 from payment_svc.domain import ChargeRefused, Payment, PaymentStatus, RefundRefused
 from payment_svc.messages import (

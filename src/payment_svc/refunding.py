@@ -7,7 +7,7 @@ from decimal import Decimal
 
 import structlog
 
-from bus.outbox import UnitOfWork
+from bus.transactions import UnitOfWork
 from payment_svc import store
 from payment_svc.domain import (
     Payment,

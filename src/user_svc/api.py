@@ -16,7 +16,7 @@ from aiohttp import web
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.outbox import UnitOfWork
+from bus.transactions import UnitOfWork
 from bus.web import (
     TRANSACTIONS,
     Api,

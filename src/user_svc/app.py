@@ -20,8 +20,8 @@ import bus.settings
 from bus.auth import SigningKey, TokenVerifier
 from bus.db import Database
 from bus.envelope import MessageRegistry
-from bus.outbox import Transactions
 from bus.service import Service
+from bus.transactions import Transactions
 from bus.web import TRANSACTIONS, VERIFIER
 from user_svc import store
 from user_svc.api import THROTTLE, TOKENS, api

@@ -20,7 +20,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from bus.auth import SigningKey, TokenVerifier
 from bus.inbox import UnitHandler
-from bus.outbox import Transactions, UnitOfWork
+from bus.transactions import Transactions, UnitOfWork
 from user_svc import store
 from user_svc.domain import LoginThrottle, Role, Status, User
 from user_svc.messages import (

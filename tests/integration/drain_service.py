@@ -16,9 +16,9 @@ from sqlalchemy import insert
 from bus.broker import Delivery
 from bus.db import Database
 from bus.envelope import Event, MessageRegistry
-from bus.outbox import UnitOfWork
 from bus.service import Service, run_until_signalled
 from bus.settings import Settings
+from bus.transactions import UnitOfWork
 from tests.integration.tables import effects, metadata
 
 

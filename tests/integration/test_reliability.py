@@ -14,7 +14,8 @@ from bus.broker import BrokerUnavailable, Delivery
 from bus.db import Database
 from bus.envelope import Envelope, Event, MessageRegistry
 from bus.inbox import DUPLICATES, idempotent
-from bus.outbox import OutboxRelay, Transactions, UnitOfWork
+from bus.outbox import OutboxRelay
+from bus.transactions import Transactions, UnitOfWork
 from tests.conftest import RabbitAdmin
 from tests.integration.tables import effects
 from tests.support import eventually

@@ -18,7 +18,8 @@ from bus.envelope import Command, Envelope, Event, MessageRegistry
 from bus.inbox import DUPLICATES, claims_of, idempotent, inbox_table
 from bus.memory import MemoryBroker
 from bus.observability import EVENTS_UNHEARD, UNITS_PER_TRANSACTION
-from bus.outbox import Committed, Once, OutboxRelay, Transactions, UnitOfWork, outbox_table
+from bus.outbox import Committed, OutboxRelay, outbox_table
+from bus.transactions import Once, Transactions, UnitOfWork
 from tests.support import eventually
 
 
@@ -549,7 +550,7 @@ async def test_when_the_database_fails_every_unit_of_the_group_gets_the_error(
     async def broken(session: object, messages: object) -> None:
         raise ConnectionError("the database went away")
 
-    monkeypatch.setattr("bus.outbox.write_outbox", broken)
+    monkeypatch.setattr("bus.transactions.write_outbox", broken)
     transactions = Transactions(db, "/tests")
     record = Recorder()
     handle = idempotent(transactions, "things", record)

@@ -15,9 +15,9 @@ from bus.db import Database
 from bus.envelope import Envelope, Event, MessageRegistry
 from bus.memory import MemoryBroker
 from bus.messages import BUS_MESSAGES
-from bus.outbox import UnitOfWork
 from bus.service import YOUNG_COLLECTION_EVERY, Service, quiet_collector
 from bus.settings import Settings
+from bus.transactions import UnitOfWork
 from tests.integration.tables import effects, metadata
 from tests.support import eventually, free_port
 
