@@ -17,7 +17,7 @@ from bus.observability import extract_trace, tracer
 from bus.service import Service, token_verifier
 from bus.settings import Settings as BaseSettings
 from order_svc import saga, store
-from order_svc.admission import Admission, keep_counting
+from order_svc.admission import IN_HAND_OF_STEP_TIMEOUT, Admission, keep_counting
 from order_svc.api import ADMISSION, CURRENCY, DIRECTORY, POLICY, api
 from order_svc.handlers import CONSUMED, handlers
 from order_svc.replicas import Directory
@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     saga_step_attempts: int = 3
     saga_sweep_seconds: float = 1.0
     # orders the saga may have in hand before new ones are turned away (0: no limit); the
-    # ceiling rises above it to what the saga finishes in 0.4 of a step timeout
+    # ceiling rises above it with the saga's pace (order_svc.admission)
     max_orders_in_flight: int = Field(default=200, ge=0)
     currency: str = "USD"
     user_url: str = "http://127.0.0.1:3010"
@@ -56,13 +56,8 @@ def build(settings: Settings, **overrides: Any) -> Service:
     service.background.append(
         lambda: sweep_overdue_steps(service, policy, settings.saga_sweep_seconds)
     )
-    # orders in hand rise to 4 s of the saga's pace (with the default 10 s step timeout):
-    # enough to keep every stage busy while turned-away clients wait their second. Past
-    # its capacity an order then takes about 4 s from placed to done (it was about 2 s
-    # with 200 at 94/s), still well inside its steps' timeouts
-    admission = Admission(
-        settings.max_orders_in_flight, seconds_in_hand=settings.saga_step_timeout * 0.4
-    )
+    in_hand = settings.saga_step_timeout * IN_HAND_OF_STEP_TIMEOUT
+    admission = Admission(settings.max_orders_in_flight, seconds_in_hand=in_hand)
     service.background.append(lambda: keep_counting(admission, db, settings.saga_sweep_seconds))
     service.app[ADMISSION] = admission
     service.app[POLICY] = policy
