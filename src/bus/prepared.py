@@ -20,7 +20,7 @@ sends each transaction's first statement and then renews the whole pool.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,11 +82,11 @@ class Prepared:
         """``elsewhere``: what SQLAlchemy sends instead, where asyncpg does not run this."""
         self.statement = statement
         self._portable = statement if elsewhere is None else elsewhere
-        self._compiled: dict[tuple[str | None, frozenset[str], bool], _Compiled | None] = {}
+        self._compiled: dict[tuple[str | None, frozenset[str]], _Compiled | None] = {}
 
     async def rows(self, session: AsyncConnection, params: Row) -> list[Row]:
         """The rows the statement returns, each read by column name."""
-        fast = self._fast(session, params.keys(), many=False)
+        fast = self._fast(session, params.keys())
         if fast is None:
             result = await session.execute(self._portable, dict(params))
             return list(result.mappings().all())
@@ -100,7 +100,7 @@ class Prepared:
 
     async def run(self, session: AsyncConnection, params: Row) -> int:
         """Run the statement once; how many rows it changed."""
-        fast = self._fast(session, params.keys(), many=False)
+        fast = self._fast(session, params.keys())
         if fast is None:
             result = await session.execute(self._portable, dict(params))
             return int(result.rowcount)
@@ -112,23 +112,8 @@ class Prepared:
             raise await _as_sqlalchemy(session, driver, error, compiled.sql, args) from error
         return int(status.rsplit(" ", 1)[-1])  # "UPDATE 1", "INSERT 0 1"
 
-    async def run_many(self, session: AsyncConnection, params: Sequence[Row]) -> None:
-        """Run the statement once for each set of parameters, in one round trip."""
-        if not params:
-            return
-        fast = self._fast(session, params[0].keys(), many=True)
-        if fast is None:
-            await session.execute(self._portable, [dict(p) for p in params])
-            return
-        driver, compiled = fast
-        rows = [compiled.args(p) for p in params]
-        try:
-            await driver.executemany(compiled.sql, rows)
-        except _ASYNCPG_ERRORS as error:
-            raise await _as_sqlalchemy(session, driver, error, compiled.sql, rows) from error
-
     def _fast(
-        self, session: AsyncConnection, keys: Any, *, many: bool
+        self, session: AsyncConnection, keys: Any
     ) -> tuple[asyncpg.Connection, _Compiled] | None:
         """The asyncpg connection and the compiled statement, if asyncpg may run it now."""
         driver = _driver_for(session)
@@ -136,12 +121,11 @@ class Prepared:
             return None
         options = session.sync_connection.get_execution_options()  # type: ignore[union-attr]
         schema = (options.get("schema_translate_map") or {}).get(None)
-        key = (schema, frozenset(keys), many)
+        key = (schema, frozenset(keys))
         if key not in self._compiled:
             compiler = self.statement.compile(  # type: ignore[attr-defined]
                 dialect=session.dialect,
                 column_keys=sorted(key[1]),
-                for_executemany=many,
                 schema_translate_map={None: schema} if schema else None,
                 render_schema_translate=bool(schema),
             )

@@ -101,7 +101,8 @@ async def test_prepared_statements_run_inside_the_transaction_sqlalchemy_began(
     async def write_then_fail() -> None:
         async with postgres.session() as session, session.begin():
             await _ADD.run(session, {"name": "a"})  # SQLAlchemy sends BEGIN with it
-            await _ADD.run_many(session, [{"name": "b"}, {"name": "c"}])
+            await _ADD.run(session, {"name": "b"})
+            await _ADD.run(session, {"name": "c"})
             assert [row["name"] for row in await _NAMES.rows(session, {})] == ["a", "b", "c"]
             raise RuntimeError("the handler failed")
 
@@ -181,7 +182,8 @@ async def test_prepared_statements_keep_values_written_into_them_and_convert_own
     others = Prepared(select(effects.c.name).where(effects.c.name != "skipped"))
     price_of = Prepared(select(prices.c.price).where(prices.c.name == bindparam("name")))
     async with postgres.session() as session, session.begin():
-        await _ADD.run_many(session, [{"name": "kept"}, {"name": "skipped"}])
+        await _ADD.run(session, {"name": "kept"})
+        await _ADD.run(session, {"name": "skipped"})
         await Prepared(insert(prices)).run(session, {"name": "mouse", "price": Decimal("29.99")})
         assert [row["name"] for row in await others.rows(session, {})] == ["kept"]
         assert (await price_of.rows(session, {"name": "mouse"}))[0]["price"] == Decimal("29.99")
@@ -217,7 +219,8 @@ async def test_a_list_of_any_length_is_one_statement_for_asyncpg(
     among = where_among(select(effects.c.name), effects.c.name, "names")
     async with postgres.reading() as reader:
         stored = [*"abcd", "n" * 100]  # the longest name the column holds
-        await _ADD.run_many(reader, [{"name": name} for name in stored])
+        for name in stored:
+            await _ADD.run(reader, {"name": name})
         # a name longer than the column matches nothing, as with IN (cast to the column's
         # varchar(100), it would have been cut to one that is there)
         for names in (["a"], ["b", "c", "x"], [], ["n" * 101]):
