@@ -182,11 +182,6 @@ _ENTRY = insert(order_history).from_select(
         bindparam("entry_at", type_=DateTime(timezone=True)),
     ),
 )
-_ORDER_DEFAULTS = {
-    column.key: column.default.arg  # type: ignore[attr-defined]
-    for column in orders.c
-    if column.default is not None and column.default.is_scalar
-}
 # Lines travel as arrays, one element a line, so an order of any size is one statement.
 _ITEMS = insert(order_items).from_select(
     ["order_id", "product_id", "quantity", "unit_price_cents"],
@@ -236,9 +231,11 @@ Line = tuple[str, int, Decimal]
 async def insert_order(
     session: AsyncConnection, values: dict[str, Any], lines: Sequence[Line]
 ) -> None:
-    """Insert an order, its lines and the first history entry."""
-    # SQLAlchemy leaves column defaults out of an INSERT with a WITH: they go in here
-    values = _ORDER_DEFAULTS | values
+    """Insert an order, its lines and the first history entry.
+
+    ``values`` name every column, those with defaults too: SQLAlchemy gives an INSERT with
+    a WITH, as this is on PostgreSQL, no defaults (a column left out is NULL).
+    """
     first = _entry(values["id"], values["status"], None, values["created_at"])
     if dialect_of(session) == "postgresql":
         items = {
