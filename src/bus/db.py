@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, Table, event, text
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import MetaData, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
@@ -175,20 +174,6 @@ class Database:
     async def close(self) -> None:
         """Close every pooled connection."""
         await self.engine.dispose()
-
-
-# each dialect's INSERT, which knows its ON CONFLICT clauses
-_INSERTS: dict[str, Any] = {"postgresql": postgresql.insert, "sqlite": sqlite.insert}
-
-
-def insert_for(session: AsyncConnection, table: Table) -> Any:
-    """An ``INSERT`` for ``table`` that knows ``ON CONFLICT`` on this session's database.
-
-    Both PostgreSQL and SQLite have ``on_conflict_do_nothing()`` and
-    ``on_conflict_do_update()``; on PostgreSQL a conflict with an uncommitted row waits
-    for that transaction, so of two concurrent inserts exactly one wins.
-    """
-    return _INSERTS[dialect_of(session)](table)
 
 
 async def advisory_xact_lock(session: AsyncConnection, key: str) -> None:

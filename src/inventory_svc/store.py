@@ -157,13 +157,16 @@ def utc(moment: datetime) -> datetime:
 # --- products -------------------------------------------------------------------------------
 
 
+_ADD_PRODUCT = insert_or_skip(products, *_PRODUCT)
+
+
 async def add_product(
     session: AsyncConnection, product_id: str, name: str, price: Decimal, stock: int, now: datetime
 ) -> Product | None:
     """Insert a product; ``None`` when the id is taken."""
     values = {"id": product_id, "name": name, "price": price, "stock": stock}
     values |= {"reserved": 0, "sold": 0, "created_at": now, "updated_at": now}
-    rows = await insert_or_skip(products, *_PRODUCT).rows(session, values)
+    rows = await _ADD_PRODUCT.rows(session, values)
     return Product(**rows[0]) if rows else None
 
 

@@ -9,10 +9,10 @@ from typing import Any
 
 import aiohttp
 import structlog
-from sqlalchemy import bindparam, select
+from sqlalchemy import Table, bindparam, select
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.db import insert_for
 from bus.prepared import Prepared, insert_or_skip, where_among
 from bus.resilience import CircuitBreaker, retry_call
 from order_svc import store
@@ -37,10 +37,21 @@ class KnownProduct:
     price: Decimal
 
 
-def _upsert(session: AsyncConnection, table: Any, values: dict[str, Any]) -> Any:
-    statement = insert_for(session, table).values(**values)
-    changes = {key: value for key, value in values.items() if key != "id"}
-    return statement.on_conflict_do_update(index_elements=["id"], set_=changes)
+def _upsert(table: Table) -> Prepared:
+    """Insert a row of ``table``, or overwrite the one with its id (SQLite compiles this
+    PostgreSQL INSERT too)."""
+    statement = postgresql.insert(table)
+    changes = {
+        column.key: statement.excluded[column.key] for column in table.c if column.key != "id"
+    }
+    return Prepared(statement.on_conflict_do_update(index_elements=["id"], set_=changes))
+
+
+# built once: what every replica event and HTTP answer writes
+_SAVE_USER = _upsert(store.users)
+_SAVE_PRODUCT = _upsert(store.products)
+_REMEMBER_USER = insert_or_skip(store.users)
+_REMEMBER_PRODUCT = insert_or_skip(store.products)
 
 
 # Events overwrite what the replicas hold; what was learnt over HTTP only fills a gap. An
@@ -66,24 +77,24 @@ async def save_user(session: AsyncConnection, event: Any, event_type: str) -> No
     """Record what a ``user.*`` event says of a user."""
     status = "deleted" if event_type == "user.deleted" else event.status
     row = _user_row(event.user_id, event.email, event.role, status)
-    await session.execute(_upsert(session, store.users, row))
+    await _SAVE_USER.run(session, row)
 
 
 async def remember_user(session: AsyncConnection, user: dict[str, Any]) -> None:
     """Record a user as the user service described it over HTTP (``GET /users/{id}``),
     unless an event about the user got here first."""
     row = _user_row(user["id"], user.get("email"), user.get("role"), user.get("status", "active"))
-    await insert_or_skip(store.users).run(session, row)
+    await _REMEMBER_USER.run(session, row)
 
 
 async def save_product(session: AsyncConnection, product: KnownProduct) -> None:
     """Record a product's name and price from one of its events."""
-    await session.execute(_upsert(session, store.products, _product_row(product)))
+    await _SAVE_PRODUCT.run(session, _product_row(product))
 
 
 async def remember_product(session: AsyncConnection, product: KnownProduct) -> None:
     """Record a product as inventory answered over HTTP, unless an event got here first."""
-    await insert_or_skip(store.products).run(session, _product_row(product))
+    await _REMEMBER_PRODUCT.run(session, _product_row(product))
 
 
 # built once: two lookups of every order placed

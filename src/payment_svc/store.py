@@ -161,13 +161,11 @@ class IdempotencyKey:
     request_hash: str
 
 
-async def _insert_if_new(session: AsyncConnection, table: Table, values: dict[str, Any]) -> bool:
-    """Insert unless a unique key clashes; False when it did.
-
-    On PostgreSQL a clash with an uncommitted row waits for that transaction, so of two
-    concurrent claims exactly one wins and the other then sees the winner's row.
-    """
-    return bool(await insert_or_skip(table).run(session, values))
+# Inserts unless a unique key clashes (then 0). On PostgreSQL a clash with an uncommitted
+# row waits for that transaction, so of two concurrent claims exactly one wins and the
+# other then sees the winner's row.
+_CLAIM_KEY = insert_or_skip(idempotency_keys)
+_CLAIM_PAYMENT = insert_or_skip(payments)
 
 
 async def claim_idempotency_key(
@@ -181,7 +179,7 @@ async def claim_idempotency_key(
         "payment_id": payment_id,
         "created_at": now,
     }
-    if await _insert_if_new(session, idempotency_keys, row):
+    if await _CLAIM_KEY.run(session, row):
         return None
     query = select(idempotency_keys.c.request_hash, idempotency_keys.c.payment_id).where(
         idempotency_keys.c.user_id == key.user_id, idempotency_keys.c.key == key.key
@@ -212,7 +210,7 @@ _ORDER_PAYMENT_LOCKED = Prepared(_OF_ORDER.with_for_update())
 
 async def claim_payment(session: AsyncConnection, values: dict[str, Any]) -> bool:
     """Insert a payment row; False when its order already has one."""
-    return await _insert_if_new(session, payments, values)
+    return bool(await _CLAIM_PAYMENT.run(session, values))
 
 
 async def update_payment(session: AsyncConnection, payment_id: str, **values: Any) -> None:

@@ -29,7 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.db import advisory_xact_lock, insert_for
+from bus.db import advisory_xact_lock
+from bus.prepared import insert_or_skip
 from user_svc.domain import Role, Status, User
 
 metadata = MetaData()
@@ -183,10 +184,8 @@ async def first_signing_key(session: AsyncConnection, candidate_pem: str) -> str
     Insert-if-absent, then read back: when instances start together, one insert wins
     and every instance reads that one.
     """
-    statement = insert_for(session, signing_keys).values(
-        name="current", private_key_pem=candidate_pem, created_at=datetime.now(UTC)
-    )
-    await session.execute(statement.on_conflict_do_nothing())
+    row = {"name": "current", "private_key_pem": candidate_pem, "created_at": datetime.now(UTC)}
+    await insert_or_skip(signing_keys).run(session, row)
     query = select(signing_keys.c.private_key_pem).where(signing_keys.c.name == "current")
     return str(await session.scalar(query))
 

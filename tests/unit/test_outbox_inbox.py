@@ -490,6 +490,7 @@ async def test_a_copy_that_joins_a_later_wave_of_the_group_is_skipped(db: Databa
     transactions = Transactions(db, "/tests")
     claim = claims_of("things")
     started, release = asyncio.Event(), asyncio.Event()
+    committed = commits(db)
 
     async def slow(unit: UnitOfWork) -> bool:
         started.set()
@@ -506,6 +507,7 @@ async def test_a_copy_that_joins_a_later_wave_of_the_group_is_skipped(db: Databa
     release.set()
 
     assert (await first, await copy) == (True, False)
+    assert len(committed) == 1  # one group: the copy came in its second wave
     assert await count(db, inbox_table) == 1
 
 
