@@ -53,7 +53,7 @@ from bus.observability import (
     OUTBOX_PUBLISHED,
     child,
 )
-from bus.prepared import Prepared, unnested, where_among
+from bus.prepared import Prepared, as_arrays, unnested, where_among
 
 log = structlog.get_logger("bus.outbox")
 
@@ -112,21 +112,17 @@ async def write_outbox(session: AsyncConnection, messages: Committed) -> None:
     if not messages:
         return
     now = _now()
-    if dialect_of(session) == "postgresql":
-        rows = {
-            "message_ids": [e.id for e, _ in messages],
-            "types": [e.type for e, _ in messages],
-            "kinds": [kind for _, kind in messages],
-            "bodies": [e.to_json() for e, _ in messages],
-            "created_at": now,
-        }
-        await _INSERT_ALL.run(session, rows)
-        return
-    rows_each = [
+    rows = [
         {"message_id": e.id, "type": e.type, "kind": kind, "body": e.to_json(), "created_at": now}
         for e, kind in messages
     ]
-    await session.execute(_INSERT, rows_each)
+    if dialect_of(session) == "postgresql":
+        arrays = as_arrays(
+            rows, message_ids="message_id", types="type", kinds="kind", bodies="body"
+        )
+        await _INSERT_ALL.run(session, arrays | {"created_at": now})
+    else:
+        await session.execute(_INSERT, rows)
 
 
 @dataclass(slots=True)

@@ -20,7 +20,7 @@ sends each transaction's first statement and then renews the whole pool.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,6 +151,12 @@ def unnested(name: str, kind: Any) -> Any:
     a list of ``kind``. Rows sent so, as one array a column, are one statement however many
     there are; several ``unnested`` in one SELECT go in step."""
     return func.unnest(bindparam(name, type_=ARRAY(kind)))
+
+
+def as_arrays(rows: Sequence[Row], **arrays: str) -> dict[str, list[Any]]:
+    """``rows`` (one mapping each) as the lists :func:`unnested` takes: each keyword names
+    a list and the row key it gathers. The same rows serve an executemany elsewhere."""
+    return {name: [row[key] for row in rows] for name, key in arrays.items()}
 
 
 def where_among(statement: Any, column: ColumnElement[Any], name: str) -> Prepared:

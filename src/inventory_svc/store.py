@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.db import dialect_of
-from bus.prepared import Prepared, insert_or_skip, unnested
+from bus.prepared import Prepared, as_arrays, insert_or_skip, unnested
 from inventory_svc.domain import ReservationStatus, StockDelta
 
 metadata = MetaData()
@@ -348,23 +348,20 @@ async def update_reservation(
     if reason is not None:
         values["reason"] = reason
     changes = {"order_key": order_id, **values}
-    if not lines:
-        await _UPDATE_RESERVATION.run(session, changes)
-    elif dialect_of(session) == "postgresql":
-        await _UPDATE_WITH_LINES.run(
-            session,
-            changes
-            | {
-                "line_products": [line.product_id for line in lines],
-                "line_quantities": [line.quantity for line in lines],
-                "line_prices": [line.unit_price for line in lines],
-                "line_available": [line.available for line in lines],
-            },
+    rows = [{"order_id": order_id, **asdict(line)} for line in lines]
+    if rows and dialect_of(session) == "postgresql":
+        arrays = as_arrays(
+            rows,
+            line_products="product_id",
+            line_quantities="quantity",
+            line_prices="unit_price",
+            line_available="available",
         )
-    else:
-        await _UPDATE_RESERVATION.run(session, changes)
-        lines_each = [{"order_id": order_id, **asdict(line)} for line in lines]
-        await session.execute(_INSERT_LINES, lines_each)
+        await _UPDATE_WITH_LINES.run(session, changes | arrays)
+        return
+    await _UPDATE_RESERVATION.run(session, changes)
+    if rows:
+        await session.execute(_INSERT_LINES, rows)
 
 
 async def get_reservation(

@@ -29,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.db import dialect_of
-from bus.prepared import Prepared, Row, unnested
+from bus.prepared import Prepared, Row, as_arrays, unnested
 from order_svc.domain import OrderStatus, SagaStep
 
 metadata = MetaData()
@@ -237,22 +237,23 @@ async def insert_order(
     a WITH, as this is on PostgreSQL, no defaults (a column left out is NULL).
     """
     first = _entry(values["id"], values["status"], None, values["created_at"])
+    items = [
+        {"order_id": values["id"], "product_id": p, "quantity": q, "unit_price_cents": cents(u)}
+        for p, q, u in lines
+    ]
     if dialect_of(session) == "postgresql":
-        items = {
-            "item_products": [product for product, _, _ in lines],
-            "item_quantities": [quantity for _, quantity, _ in lines],
-            "item_cents": [cents(price) for _, _, price in lines],
-        }
-        await _INSERT_WITH_ENTRY.run(session, values | first | items)
+        arrays = as_arrays(
+            items,
+            item_products="product_id",
+            item_quantities="quantity",
+            item_cents="unit_price_cents",
+        )
+        await _INSERT_WITH_ENTRY.run(session, values | first | arrays)
         return
     await session.execute(_INSERT_ORDER, values)
     await session.execute(_ENTRY, first)
-    if lines:
-        items_each = [
-            {"order_id": values["id"], "product_id": p, "quantity": q, "unit_price_cents": cents(u)}
-            for p, q, u in lines
-        ]
-        await session.execute(_INSERT_ITEMS, items_each)
+    if items:
+        await session.execute(_INSERT_ITEMS, items)
 
 
 async def update_order(session: AsyncConnection, order_id: str, **values: Any) -> None:
@@ -280,24 +281,21 @@ async def record_status(
     at = now()
     changes = {"order_key": order_id, "status": status, "status_reason": reason, "updated_at": at}
     entry = _entry(order_id, status, reason, at)
+    repriced = [
+        {"order": order_id, "product": product, "cents": cents(price)}
+        for product, price in (prices or {}).items()
+    ]
     if dialect_of(session) == "postgresql":
-        if prices:
-            repriced = {
-                "price_products": list(prices),
-                "price_cents": [cents(price) for price in prices.values()],
-            }
-            await _REPRICE_WITH_ENTRY.run(session, changes | values | entry | repriced)
+        if repriced:
+            arrays = as_arrays(repriced, price_products="product", price_cents="cents")
+            await _REPRICE_WITH_ENTRY.run(session, changes | values | entry | arrays)
         else:
             await _UPDATE_WITH_ENTRY.run(session, changes | values | entry)
         return
     await session.execute(_UPDATE_ORDER, changes | values)
     await session.execute(_ENTRY, entry)
-    if prices:
-        prices_each = [
-            {"order": order_id, "product": product, "cents": cents(price)}
-            for product, price in prices.items()
-        ]
-        await session.execute(_SET_LINE_PRICE, prices_each)
+    if repriced:
+        await session.execute(_SET_LINE_PRICE, repriced)
 
 
 def _entry(order_id: str, status: OrderStatus, reason: str | None, at: datetime) -> dict[str, Any]:
