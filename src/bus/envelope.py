@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 CONTENT_TYPE = "application/cloudevents+json"
+MESSAGE_ID_LENGTH = 64  # what the inbox and the outbox keep of a message id
 SCHEMA_URN = "urn:microshop:schema:"
 
 
@@ -77,7 +78,7 @@ class Envelope(BaseModel):
 
     specversion: Literal["1.0"] = "1.0"
     # required even though we always set it: the inbox deduplicates by it
-    id: str = Field(min_length=1, max_length=64)  # the inbox and outbox keep 64
+    id: str = Field(min_length=1, max_length=MESSAGE_ID_LENGTH)
     source: str = Field(min_length=1)
     type: str = Field(min_length=1)
     time: datetime = Field(default_factory=_now)

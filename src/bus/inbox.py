@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Delivery, Handler
 from bus.db import BUS_METADATA, dialect_of
+from bus.envelope import MESSAGE_ID_LENGTH
 from bus.prepared import Prepared, insert_or_skip, unnested
 from bus.transactions import Claim, Once, Transactions, UnitOfWork
 
@@ -31,7 +32,7 @@ inbox_table = Table(
     "inbox",
     BUS_METADATA,
     Column("consumer", String(100), primary_key=True),
-    Column("message_id", String(64), primary_key=True),
+    Column("message_id", String(MESSAGE_ID_LENGTH), primary_key=True),
     Column("processed_at", DateTime(timezone=True), nullable=False, index=True),
 )
 

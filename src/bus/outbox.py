@@ -46,7 +46,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from bus.broker import Broker, Unroutable
 from bus.db import BUS_METADATA, Database, dialect_of
-from bus.envelope import Envelope
+from bus.envelope import MESSAGE_ID_LENGTH, Envelope
 from bus.observability import (
     EVENTS_UNHEARD,
     OUTBOX_BACKLOG,
@@ -61,7 +61,7 @@ outbox_table = Table(
     "outbox",
     BUS_METADATA,
     Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True),
-    Column("message_id", String(64), nullable=False, unique=True),
+    Column("message_id", String(MESSAGE_ID_LENGTH), nullable=False, unique=True),
     Column("type", String(200), nullable=False),
     Column("kind", String(10), nullable=False),
     Column("body", LargeBinary, nullable=False),
