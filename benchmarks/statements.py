@@ -75,7 +75,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             async with db.session() as session, session.begin():
                 await store.end_step(session, ORDER, SagaStep.COMMIT)  # SQLAlchemy sends BEGIN
                 # the SQL and arguments Prepared hands asyncpg: the gap to "prepared" is its own
-                fast = store._END_STEP._fast(session, params.keys(), many=False)
+                fast = store._END_STEP._fast(session, params.keys())
                 assert fast is not None
                 asyncpg, compiled = fast
                 calls: dict[str, Callable[[], Awaitable[Any]]] = {
