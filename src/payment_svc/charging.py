@@ -7,8 +7,12 @@ the rows that carry those unique keys; a concurrent duplicate waits on them, the
 the recorded outcome instead of calling the provider again, and a crash before commit
 leaves nothing behind. The price is one pooled connection per in-flight provider call,
 which the simulated providers answer at once. A slow real provider would call for three
-steps instead (claim, call, record) with the provider's idempotency key (``reference``)
-making a repeated call after a crash safe.
+steps instead (claim, call, record).
+
+What a rollback cannot undo is the provider's side: it may have taken the money and its
+answer been lost (a timeout, a crash before our commit). So the provider's idempotency
+key (``reference``) is the same on every attempt at one charge (:func:`reference_for`),
+and the retried command or request gets the first answer back instead of a second charge.
 """
 
 from __future__ import annotations
@@ -114,7 +118,7 @@ async def charge(
         raise AlreadyCharged(await _order_payment(unit, request.order_id))
     answer = await gateway.charge(
         request.provider,
-        reference=payment_id,
+        reference=reference_for(request, key) or payment_id,
         amount=request.amount,
         currency=request.currency,
         method=request.method,
@@ -139,6 +143,20 @@ async def charge(
     unit.publish(outcome_event(payment), correlation_id=correlation_id)
     log.info("payment charged", payment_id=payment_id, order_id=request.order_id, status=status)
     return Charged(payment)
+
+
+def reference_for(request: ChargeRequest, key: store.IdempotencyKey | None) -> str | None:
+    """The charge's idempotency key at its provider, the same on every attempt at it.
+
+    An order is charged once, whatever carries the charge; a client's Idempotency-Key
+    once for the request it was sent with. A charge with neither is an attempt of its
+    own (None: the payment's id will do).
+    """
+    if request.order_id is not None:
+        return f"order:{request.order_id}"
+    if key is not None:
+        return f"key:{key.user_id}:{key.key}:{key.request_hash}"
+    return None
 
 
 def outcome_event(payment: Payment) -> PaymentSucceeded | PaymentFailed:

@@ -47,8 +47,11 @@ async def refund(
         requested=amount,
     )
     refund_id, transaction_id, now = new_id("ref"), new_id("txn"), datetime.now(UTC)
+    # the provider's idempotency key: the same when this refund is tried again after a
+    # rollback (a lost answer), new once a refund of the payment has been recorded
+    reference = f"refund:{payment.id}:after:{payment.refunded_amount:f}"
     answer = await gateway.refund(
-        payment.provider, reference=refund_id, amount=plan.amount, currency=payment.currency
+        payment.provider, reference=reference, amount=plan.amount, currency=payment.currency
     )
     if not answer.approved:
         raise RefundRefused(f"provider {payment.provider} refused the refund: {answer.reason}")

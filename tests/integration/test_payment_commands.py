@@ -14,8 +14,9 @@ from bus.envelope import Envelope
 from bus.inbox import DUPLICATES
 from bus.service import Service
 from payment_svc.messages import PaymentCharge, PaymentRefund
+from payment_svc.providers import PaymentGateway
 from tests.integration.conftest import ServiceStarter
-from tests.integration.test_payment_support import EventLog, PaymentHttp
+from tests.integration.test_payment_support import EventLog, LateFirstAnswers, PaymentHttp
 from tests.support import Tokens, eventually
 
 pytestmark = pytest.mark.integration
@@ -53,6 +54,19 @@ def charge(order_id: str, *, amount: str = "1459.97", **fields: str) -> Envelope
 def raw_charge(data: dict[str, str]) -> Envelope:
     """A ``payment.charge`` as any AMQP client might write it: only the data it gives."""
     return Envelope(id=uuid.uuid4().hex, source="/tests", type="payment.charge", data=data)
+
+
+async def refund_25_then_the_rest(
+    amqp: AmqpBroker, events: EventLog, order_id: str
+) -> PaymentRefund:
+    """Refund 25.00 of the order, then the rest, each once answered; the second command."""
+    partial = PaymentRefund(order_id=order_id, amount=Decimal("25.00"), reason="late delivery")
+    await amqp.publish(Envelope.wrap(partial, source="/tests"))
+    await events.wait_for("payment.refunded", order_id=order_id)
+    rest = PaymentRefund(order_id=order_id, reason="order cancelled")
+    await amqp.publish(Envelope.wrap(rest, source="/tests"))
+    await events.wait_for("payment.refunded", count=2, order_id=order_id)
+    return rest
 
 
 def new_order() -> str:
@@ -207,6 +221,43 @@ async def test_duplicate_charges_for_an_order_make_one_payment_and_call_the_prov
     assert len(events.about("payment.succeeded", order_id=order_id)) == 2
 
 
+async def test_a_charge_whose_answer_was_lost_is_retried_without_charging_the_card_again(
+    run_service: ServiceStarter, events: EventLog, amqp: AmqpBroker, tokens: Tokens
+) -> None:
+    provider = LateFirstAnswers(late={"charge"})
+    gateway = PaymentGateway({"stripe": provider}, timeout=0.2)
+    service = await run_service(payment_svc.app, verifier=tokens.verifier, gateway=gateway)
+    order_id = new_order()
+
+    await amqp.publish(charge(order_id))  # times out once the card is charged; then retried
+
+    (succeeded,) = await events.wait_for("payment.succeeded", order_id=order_id)
+    first, retried = provider.references("charge")
+    assert retried == first  # the provider knows the charge again and takes nothing more
+    assert provider.moved == {first: Decimal("1459.97")}
+    async with PaymentHttp(service) as http:
+        payments = await http.call("GET", "/payments", token=tokens.mint("a-1", "admin"))
+    assert [p["id"] for p in payments.body["items"]] == [succeeded.data["payment_id"]]
+
+
+async def test_a_refund_whose_answer_was_lost_is_retried_without_refunding_twice(
+    run_service: ServiceStarter, events: EventLog, amqp: AmqpBroker, tokens: Tokens
+) -> None:
+    provider = LateFirstAnswers(late={"refund"})
+    gateway = PaymentGateway({"stripe": provider}, timeout=0.2)
+    await run_service(payment_svc.app, verifier=tokens.verifier, gateway=gateway)
+    order_id = new_order()
+    await amqp.publish(charge(order_id, amount="100.00"))
+    await events.wait_for("payment.succeeded", order_id=order_id)
+
+    await refund_25_then_the_rest(amqp, events, order_id)
+
+    lost, retried, second = provider.references("refund")
+    assert retried == lost  # the lost refund, asked again: the same refund
+    assert second != lost  # a later refund of the same payment is a new one
+    assert sorted(provider.moved[r] for r in (lost, second)) == [Decimal("25.00"), Decimal("75.00")]
+
+
 async def test_a_payment_made_over_http_for_an_order_does_not_pay_for_the_sagas_charge(
     service: Service, events: EventLog, amqp: AmqpBroker, tokens: Tokens
 ) -> None:
@@ -257,12 +308,7 @@ async def test_refund_command_refunds_the_rest_and_a_repeat_answers_the_same_ref
     (paid,) = await events.wait_for("payment.succeeded", order_id=order_id)
     payment_id = paid.data["payment_id"]
 
-    partial = PaymentRefund(order_id=order_id, amount=Decimal("25.00"), reason="late delivery")
-    await amqp.publish(Envelope.wrap(partial, source="/tests"))
-    await events.wait_for("payment.refunded", order_id=order_id)
-    full = PaymentRefund(order_id=order_id, reason="order cancelled")
-    await amqp.publish(Envelope.wrap(full, source="/tests"))
-    await events.wait_for("payment.refunded", count=2, order_id=order_id)
+    full = await refund_25_then_the_rest(amqp, events, order_id)
     await amqp.publish(Envelope.wrap(full, source="/tests"))  # the saga asks again
 
     refunded = await events.wait_for("payment.refunded", count=3, order_id=order_id)

@@ -12,8 +12,9 @@ import pytest
 import payment_svc.app
 from bus.amqp import AmqpBroker
 from payment_svc import store
+from payment_svc.providers import PaymentGateway
 from tests.integration.conftest import ServiceStarter
-from tests.integration.test_payment_support import EventLog, PaymentHttp
+from tests.integration.test_payment_support import EventLog, LateFirstAnswers, PaymentHttp
 from tests.support import Tokens
 
 pytestmark = pytest.mark.integration
@@ -157,6 +158,30 @@ async def test_idempotency_key_retry_returns_the_same_payment_and_charges_once(
     transactions = await http.call("GET", "/transactions", token=token)
     assert transactions.body["total"] == 1
     assert await http.attempts("square") == 2  # the first caller once, the other once
+
+
+async def test_a_retry_after_a_lost_answer_names_the_same_charge_to_the_provider(
+    run_service: ServiceStarter, tokens: Tokens
+) -> None:
+    provider = LateFirstAnswers(late={"charge"})
+    gateway = PaymentGateway({"stripe": provider}, timeout=0.2)
+    service = await run_service(payment_svc.app, verifier=tokens.verifier, gateway=gateway)
+    token = tokens.mint(new_user())
+    body = {"amount": "100", "provider": "stripe", "payment_method": "tok_visa"}
+    key = {"Idempotency-Key": f"checkout-{uuid.uuid4()}"}
+
+    async with PaymentHttp(service) as http:
+        lost = await http.call("POST", "/payments/process", token=token, json=body, headers=key)
+        retried = await http.call("POST", "/payments/process", token=token, json=body, headers=key)
+        other = await http.call(
+            "POST", "/payments/process", token=token, json=body, headers={"Idempotency-Key": "2"}
+        )
+
+    assert (lost.status, retried.status, other.status) == (504, 201, 201)
+    first, again, another = provider.references("charge")
+    assert again == first  # the provider answers the charge it made: the card paid once
+    assert another != first  # another key is another charge
+    assert len(provider.moved) == 2
 
 
 async def test_concurrent_requests_with_one_idempotency_key_charge_once(

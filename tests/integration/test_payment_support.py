@@ -5,6 +5,8 @@ No tests live here; the name only follows the files this service owns (test_paym
 
 from __future__ import annotations
 
+import asyncio
+from decimal import Decimal
 from typing import Any
 
 from bus.amqp import AmqpBroker
@@ -12,6 +14,7 @@ from bus.broker import Delivery
 from bus.envelope import Envelope, MessageRegistry
 from bus.service import Service
 from payment_svc.messages import EVENTS
+from payment_svc.providers import ProviderAnswer
 from tests.integration.service_http import ServiceHttp
 from tests.support import eventually
 
@@ -34,6 +37,40 @@ class PaymentHttp(ServiceHttp):
         answer = await self.call("GET", "/providers")
         (listed,) = [item for item in answer.body["items"] if item["name"] == provider]
         return int(listed["health"]["attempts"])
+
+
+class LateFirstAnswers:
+    """A provider that approves, and moves money once per reference, as a real one keeps
+    its idempotency keys; the first answer to each operation in ``late`` comes after
+    ``delay`` seconds, past the gateway's timeout: the money moved, the answer was lost."""
+
+    def __init__(self, late: set[str], delay: float = 1.0) -> None:
+        self.late, self.delay = late, delay
+        self.calls: list[tuple[str, str]] = []  # (operation, reference), every call
+        self.moved: dict[str, Decimal] = {}  # reference: the amount that moved for it
+
+    def accepts(self, method: str) -> bool:
+        return method == "tok_visa"
+
+    async def charge(
+        self, *, reference: str, amount: Decimal, currency: str, method: str
+    ) -> ProviderAnswer:
+        return await self._once("charge", reference, amount)
+
+    async def refund(self, *, reference: str, amount: Decimal, currency: str) -> ProviderAnswer:
+        return await self._once("refund", reference, amount)
+
+    def references(self, operation: str) -> list[str]:
+        """The reference of every call of ``operation``, in order."""
+        return [reference for done, reference in self.calls if done == operation]
+
+    async def _once(self, operation: str, reference: str, amount: Decimal) -> ProviderAnswer:
+        first = operation not in (done for done, _ in self.calls)
+        self.calls.append((operation, reference))
+        self.moved.setdefault(reference, amount)
+        if first and operation in self.late:
+            await asyncio.sleep(self.delay)
+        return ProviderAnswer(approved=True)
 
 
 class EventLog:
