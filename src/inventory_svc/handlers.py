@@ -199,13 +199,17 @@ async def _release(
     if was is ReservationStatus.REJECTED:
         return StockReleased(order_id=order_id, items=[], reason=reason)
     if not domain.holds_units(was):  # released or expired before: the same answer again
-        return StockReleased(order_id=order_id, items=items, reason=reservation.reason)
+        expired = was is ReservationStatus.EXPIRED
+        return StockReleased(
+            order_id=order_id, items=items, reason=reservation.reason, expired=expired
+        )
     for item in items:
         delta = domain.release_delta(was, item.quantity)
         await store.move_stock(session, item.product_id, delta, now)
     await store.update_reservation(session, order_id, status, now, reason=reason)
     log.info("stock released", order_id=order_id, was=was, reason=reason)
-    return StockReleased(order_id=order_id, items=items, reason=reason)
+    expired = status is ReservationStatus.EXPIRED
+    return StockReleased(order_id=order_id, items=items, reason=reason, expired=expired)
 
 
 async def expire_reservations(transactions: Transactions, ttl: float, batch: int = 100) -> int:

@@ -103,13 +103,18 @@ class StockCommitted(Event):
 
 
 class StockReleased(Event):
-    """The order's units were given back (``items`` is empty when it held none)."""
+    """The order's units were given back (``items`` is empty when it held none).
+
+    ``expired`` when no one asked: the reservation was held past its time to live, and
+    an order still counting on it cannot be sold as it stands.
+    """
 
     type: ClassVar[str] = "stock.released"
 
     order_id: str
     items: list[LineItem]
     reason: str | None = None
+    expired: bool = False
 
 
 class ProductCreated(Event):

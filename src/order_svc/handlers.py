@@ -69,6 +69,28 @@ def ends(step: SagaStep) -> UnitHandler:
     return handle
 
 
+def stock_released(policy: Policy) -> UnitHandler:
+    """The answer to a release only ends the step (one statement, no lock); news that a
+    reservation expired goes to the saga, with the order locked."""
+    answered = ends(SagaStep.RELEASE)
+    expired = for_order(reservation_expired, policy)
+
+    async def handle(delivery: Delivery, unit: UnitOfWork) -> None:
+        released = delivery.message
+        if isinstance(released, StockReleased) and released.expired:
+            await expired(delivery, unit)
+        else:
+            await answered(delivery, unit)
+
+    return handle
+
+
+async def reservation_expired(
+    unit: UnitOfWork, order: store.Order, event: StockReleased, policy: Policy
+) -> None:
+    await saga.reservation_expired(unit, order, policy)
+
+
 async def stock_reserved(
     unit: UnitOfWork, order: store.Order, event: StockReserved, policy: Policy
 ) -> None:
@@ -107,7 +129,7 @@ async def payment_refunded(
 async def refund_failed(
     unit: UnitOfWork, order: store.Order, event: PaymentRefundFailed, policy: Policy
 ) -> None:
-    await saga.refund_failed(unit, order, event.reason, policy)
+    await saga.refund_failed(unit, order, event.reason, event.charged, policy)
 
 
 async def user_changed(delivery: Delivery, unit: UnitOfWork) -> None:
@@ -140,14 +162,12 @@ USER_EVENTS: tuple[type[Message], ...] = (
     UserDeactivated,
 )
 # replies that only end a step: the saga has nothing more to do for them
-STEP_ENDINGS: dict[type[Message], SagaStep] = {
-    StockCommitted: SagaStep.COMMIT,
-    StockReleased: SagaStep.RELEASE,
-}
+STEP_ENDINGS: dict[type[Message], SagaStep] = {StockCommitted: SagaStep.COMMIT}
 PRODUCT_EVENTS: tuple[type[Message], ...] = (ProductCreated, ProductUpdated)
 CONSUMED: tuple[type[Message], ...] = (
     *SAGA_REPLIES,
     *STEP_ENDINGS,
+    StockReleased,
     *USER_EVENTS,
     *PRODUCT_EVENTS,
 )
@@ -159,6 +179,7 @@ def handlers(policy: Policy) -> dict[str, UnitHandler]:
         model.type: for_order(step, policy) for model, step in SAGA_REPLIES.items()
     }
     registry.update({model.type: ends(step) for model, step in STEP_ENDINGS.items()})
+    registry[StockReleased.type] = stock_released(policy)
     registry.update({model.type: user_changed for model in USER_EVENTS})
     registry.update({model.type: product_changed for model in PRODUCT_EVENTS})
     return registry

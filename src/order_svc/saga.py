@@ -21,9 +21,11 @@ from bus.transactions import UnitOfWork
 from inventory_svc.messages import LineItem, StockCommit, StockRelease, StockReserve
 from order_svc import store
 from order_svc.domain import (
+    CANCEL_RELEASES,
     COMPENSATED_ON_TIMEOUT,
     OrderStatus,
     SagaStep,
+    TransitionError,
     cancel_plan,
     check_transition,
     estimated_delivery,
@@ -142,7 +144,11 @@ async def stock_reserved(
     """Stock is held: take payment, at the prices stock was reserved at."""
     if order.status in (S.CANCELLED, S.REFUNDED):
         # cancelled (or timed out) before the reservation arrived: give the stock back
-        await send(unit, order, SagaStep.RELEASE, policy)
+        if order.saga_step is SagaStep.REFUND:
+            # unwatched, so the refund stays watched; its answer releases again, watched
+            await publish_command(unit, order, SagaStep.RELEASE)
+        else:
+            await send(unit, order, SagaStep.RELEASE, policy)
         return
     if order.status is not S.PENDING:
         await step_answered(unit, order, SagaStep.RESERVE)
@@ -223,14 +229,26 @@ async def payment_refunded(unit: UnitOfWork, order: Order, policy: Policy) -> No
     await send(unit, order, SagaStep.RELEASE, policy)
 
 
-async def refund_failed(unit: UnitOfWork, order: Order, reason: str, policy: Policy) -> None:
-    """No money to return (the charge never happened) or the refund was refused."""
+async def refund_failed(
+    unit: UnitOfWork, order: Order, reason: str, charged: bool, policy: Policy
+) -> None:
+    """No money to return (the charge never happened), or the refund was refused.
+
+    A refused refund leaves money with us that a person must settle: the order says so,
+    and takes a cancel again (the refund is asked anew). A cancelled order's stock goes
+    back either way.
+    """
+    if not charged and order.payment_id is not None:
+        # asked before the charge was seen (a timeout); the refund asked since is on its way
+        return
     await step_answered(unit, order, SagaStep.REFUND)
-    if order.status is S.CANCELLED:
-        await send(unit, order, SagaStep.RELEASE, policy)  # nothing was charged: free the stock
-    else:
+    if charged or order.status is not S.CANCELLED:
         log.error("refund failed; the order needs a person", order_id=order.id, reason=reason)
-        await store.update_order(unit.session, order.id, status_reason=f"refund failed: {reason}")
+        await store.update_order(
+            unit.session, order.id, refund_requested=False, status_reason=f"refund failed: {reason}"
+        )
+    if order.status is S.CANCELLED:
+        await send(unit, order, SagaStep.RELEASE, policy)
 
 
 async def cancel(unit: UnitOfWork, order: Order, reason: str, policy: Policy) -> Order:
@@ -249,7 +267,10 @@ async def cancel(unit: UnitOfWork, order: Order, reason: str, policy: Policy) ->
 
 
 async def set_status(unit: UnitOfWork, order: Order, new: OrderStatus, reason: str | None) -> Order:
-    """A person moves a confirmed order along: processing, shipped, delivered."""
+    """A person moves a confirmed order along: processing, shipped, delivered; not while
+    its refund is on its way (it would end refunded, and shipped)."""
+    if order.refund_requested:
+        raise TransitionError("the order is being refunded: it cannot move along")
     if new is S.SHIPPED:
         shipped_at = store.now()
         return await change_status(
@@ -261,6 +282,18 @@ async def set_status(unit: UnitOfWork, order: Order, new: OrderStatus, reason: s
             estimated_delivery=estimated_delivery(shipped_at),
         )
     return await change_status(unit, order, new, reason)
+
+
+async def reservation_expired(unit: UnitOfWork, order: Order, policy: Policy) -> None:
+    """Inventory gave the order's stock back unasked: it was held past its time to live
+    (the saga stalled, say by a long outage). An order not yet sold cannot be: it is
+    cancelled as a person would cancel it, refunded if it was paid. For any other order
+    this is a late copy of the news, or the answer to its own release."""
+    if order.status in CANCEL_RELEASES or order.saga_step is SagaStep.COMMIT:
+        log.warning("stock reservation expired; cancelling the order", order_id=order.id)
+        await cancel(unit, order, "stock reservation expired", policy)
+    else:
+        await step_answered(unit, order, SagaStep.RELEASE)
 
 
 async def step_overdue(unit: UnitOfWork, order: Order, policy: Policy) -> None:

@@ -97,7 +97,8 @@ async def refund_payment(delivery: Delivery, unit: UnitOfWork, gateway: PaymentG
             requested_by=delivery.envelope.source,
         )
     except RefundRefused as refused:
-        unit.publish(PaymentRefundFailed(order_id=command.order_id, reason=str(refused)))
+        failed = PaymentRefundFailed(order_id=command.order_id, reason=str(refused), charged=True)
+        unit.publish(failed)
 
 
 HANDLERS: dict[str, PaymentHandler] = {

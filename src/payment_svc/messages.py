@@ -86,12 +86,18 @@ class PaymentRefunded(Event):
 
 
 class PaymentRefundFailed(Event):
-    """A ``payment.refund`` command could not be carried out, and why."""
+    """A ``payment.refund`` command could not be carried out, and why.
+
+    ``charged`` when the order has a successful payment that was not refunded (the
+    provider refused, or nothing was left): money a person must settle. Otherwise the
+    order had no successful payment when the command was handled: nothing to return.
+    """
 
     type: ClassVar[str] = "payment.refund_failed"
 
     order_id: str
     reason: str
+    charged: bool = False
 
 
 COMMANDS: tuple[type[Command], ...] = (PaymentCharge, PaymentRefund)

@@ -260,6 +260,30 @@ async def test_payment_service_down_when_ordering_confirms_after_restart_chargin
     assert [p["status"] for p in payments] == ["completed"]
 
 
+async def test_a_reservation_that_expires_while_payment_is_down_cancels_and_refunds_the_order(
+    launch: Launch,
+) -> None:
+    client = await launch(MICROSHOP_RESERVATION_TTL="2", MICROSHOP_RESERVATION_SWEEP_SECONDS="0.5")
+    await client.login(BOB)
+    await client.system.kill("payment")
+
+    order_id = await place(client, [{"product_id": "phone", "quantity": 1}])
+    # the hold runs out while the charge waits: the phone must not stay sold to no one
+    order = await client.wait_for_status(order_id, {"cancelled"}, as_user=BOB, within=20)
+    assert order["status_reason"] == "stock reservation expired"
+    await client.system.start("payment")  # the charge waiting in its queue goes through
+
+    order = await client.wait_for_status(order_id, {"refunded"}, as_user=BOB, within=30)
+    (payment,) = await payments_for(client, order_id)
+    assert (payment["status"], payment["refunded_amount"]) == ("refunded", payment["amount"])
+
+    async def restored() -> bool:
+        phone = await stock(client, "phone")
+        return (phone["available"], phone["reserved"], phone["sold"]) == (10, 0, 0)
+
+    await eventually(restored)
+
+
 async def test_order_service_killed_mid_saga_finishes_after_restart(launch: Launch) -> None:
     client = await launch(MICROSHOP_PAYMENT_LATENCY_MS="1000")
     order_id = await place(client, [{"product_id": "monitor", "quantity": 2}])
