@@ -39,6 +39,7 @@ from bus.broker import (
     DeadLetter,
     Handler,
     Unroutable,
+    being_cancelled,
     dead_letter_from,
     process,
     publish_span,
@@ -147,13 +148,13 @@ class AmqpBroker:
         child(MESSAGES_PUBLISHED, envelope.source, envelope.type).inc()
 
     async def publish_many(self, envelopes: Sequence[Envelope]) -> list[BaseException | None]:
-        """Publish all at once so their confirms overlap; one result per envelope."""
+        """Publish all at once so their confirms overlap; one result per envelope.
+
+        Cancelling the caller cancels them all (``gather`` raises it).
+        """
         results = await asyncio.gather(
             *(self.publish(envelope) for envelope in envelopes), return_exceptions=True
         )
-        for result in results:
-            if isinstance(result, asyncio.CancelledError):
-                raise result
         return [result if isinstance(result, BaseException) else None for result in results]
 
     async def _publish(
@@ -178,6 +179,14 @@ class AmqpBroker:
             raise BrokerUnavailable(f"the broker refused {routing_key!r} (nack)") from None
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError, RuntimeError) as error:
             raise BrokerUnavailable(f"publish of {routing_key!r} not confirmed: {error}") from error
+        except asyncio.CancelledError as error:
+            if being_cancelled():
+                raise
+            # aiormq fails the confirms of a connection it gave up on (heartbeats missed)
+            # with CancelledError: to the caller that is a lost publish, not its own end
+            raise BrokerUnavailable(
+                f"publish of {routing_key!r} lost with the connection"
+            ) from error
 
     def _publish_channel(self) -> AbstractRobustChannel:
         if self._channel is None:
@@ -291,6 +300,8 @@ def retry_queue(queue: str, delay_ms: int) -> str:
 
 
 class _AmqpConsumer:
+    HAND_BACK_AFTER = 1.0  # seconds before a message that could not be settled goes back
+
     def __init__(
         self,
         broker: AmqpBroker,
@@ -326,17 +337,17 @@ class _AmqpConsumer:
 
     async def _settle(self, message: AbstractIncomingMessage) -> None:
         queue = self._queue.name
-        outcome = await process(
-            message.body,
-            message.headers or {},
-            queue=queue,
-            routing_key=message.routing_key or "",
-            handler=self._handler,
-            registry=self._registry,
-            retry_delays_ms=self._broker.retry_delays_ms,
-            observer=self._transient,
-        )
         try:
+            outcome = await process(
+                message.body,
+                message.headers or {},
+                queue=queue,
+                routing_key=message.routing_key or "",
+                handler=self._handler,
+                registry=self._registry,
+                retry_delays_ms=self._broker.retry_delays_ms,
+                observer=self._transient,
+            )
             # an observer's failures come back as "ack": process() logged them, nothing to keep
             if outcome.action == "retry":
                 target = retry_queue(queue, outcome.delay_ms)
@@ -344,10 +355,16 @@ class _AmqpConsumer:
             elif outcome.action == "dead_letter":
                 target = dead_letter_queue(queue)
                 await self._broker.send_to_queue(target, message, headers=outcome.headers)
-            self._acks.settled(message)
-        except (BrokerUnavailable, Unroutable, aiormq.exceptions.AMQPError, RuntimeError) as error:
-            # not acked: the broker redelivers it; the inbox makes the second run a no-op
-            log.warning("could not settle message; it will be redelivered", error=str(error))
+        except Exception as error:
+            # Not passed on (a retry or dead-letter queue the broker would not take): hand
+            # it back, so the broker delivers it again now rather than when the channel
+            # closes; after a pause, or it would come straight back to the same failure.
+            # The inbox makes a second run of work that was done a no-op.
+            log.warning("could not settle message; handing it back", error=str(error))
+            await asyncio.sleep(self.HAND_BACK_AFTER)
+            await self._acks.handed_back(message)
+            return
+        self._acks.settled(message)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Cancel the subscription; give in-flight handlers ``grace`` s, then cancel them."""
@@ -396,6 +413,19 @@ class _Acks:
         self._settled.append(message)
         if self._flush is None:
             self._flush = asyncio.get_running_loop().create_task(self._send())
+
+    async def handed_back(self, message: AbstractIncomingMessage) -> None:
+        """The delivery was not dealt with: nack it (requeued), so the broker delivers it
+        again. Its tag stays outstanding until the nack is written, so no ``multiple``
+        ack covers it first."""
+        channel, tag = message.channel, message.delivery_tag or 0
+        try:
+            if not channel.is_closed:
+                await channel.basic_nack(tag, requeue=True)
+        except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as error:
+            log.warning("nack not sent; the broker will deliver it again", error=str(error))
+        finally:
+            self._open.get(channel, set()).discard(tag)
 
     async def sent(self) -> None:
         """Wait for the acks in hand to be written (before the channel closes)."""

@@ -8,6 +8,7 @@ differ only in how they carry it out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import traceback
@@ -45,6 +46,13 @@ ROUTING_KEY_HEADER = "x-microshop-routing-key"
 FAILED_AT_HEADER = "x-microshop-failed-at"
 
 log = structlog.get_logger("bus.broker")
+
+
+def being_cancelled() -> bool:
+    """Whether the running task has been asked to stop (a CancelledError it catches is its
+    own), rather than handed a CancelledError by something it awaited."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Unroutable(Exception):
@@ -185,7 +193,7 @@ async def process(
     nor dead-letters: what it cannot handle is logged and dropped. Cancellation
     propagates: the message is left unacked, so the broker delivers it again.
     """
-    attempt = int(headers.get(ATTEMPT_HEADER, 0)) + 1
+    attempt = _attempts_before(headers) + 1
     # a retried message comes back through the default exchange: keep its first routing key
     routing_key = str(headers.get(ROUTING_KEY_HEADER) or routing_key)
     try:
@@ -236,6 +244,15 @@ async def process(
         structlog.contextvars.reset_contextvars(**log_context)
     child(MESSAGES_CONSUMED, queue, envelope.type).inc()
     return Outcome("ack")
+
+
+def _attempts_before(headers: Mapping[str, Any]) -> int:
+    """The attempts a retried message had; a header some other client set badly counts 0
+    (the retry this kit sends writes it anew)."""
+    try:
+        return max(0, int(headers.get(ATTEMPT_HEADER, 0)))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _dead_letter(

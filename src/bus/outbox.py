@@ -44,7 +44,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from bus.broker import Broker, Unroutable
+from bus.broker import Broker, Unroutable, being_cancelled
 from bus.db import BUS_METADATA, Database, dialect_of
 from bus.envelope import MESSAGE_ID_LENGTH, Envelope
 from bus.observability import (
@@ -236,7 +236,11 @@ class OutboxRelay:
                     started = None
                     OUTBOX_BACKLOG.labels(self.service).set(await self.backlog())
                 failures = 0
-            except Exception:
+            except (Exception, asyncio.CancelledError) as error:
+                if isinstance(error, asyncio.CancelledError) and being_cancelled():
+                    raise  # stopped
+                # anything else, a CancelledError some library passed on included, must not
+                # end the relay: rows would wait in the outbox until the next restart
                 failures += 1
                 log.exception("outbox relay failed; backing off", failures=failures)
                 await asyncio.sleep(min(0.1 * 2**failures, 5.0))

@@ -1,27 +1,38 @@
-"""How the AMQP consumer coalesces its acks, against a channel that records them."""
+"""How the AMQP consumer settles its deliveries, against a channel that records them: acks
+coalesced, and what could not be passed on handed back."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
-from bus.amqp import _Acks
+from bus.amqp import _Acks, _AmqpConsumer
+from bus.broker import ATTEMPT_HEADER, BrokerUnavailable, Delivery
+from bus.envelope import Envelope, Event, MessageRegistry
 
 
 @dataclass(eq=False)
 class Channel:
     is_closed: bool = False
     acks: list[tuple[int, bool]] = field(default_factory=list)
+    nacks: list[int] = field(default_factory=list)
 
     async def basic_ack(self, tag: int, multiple: bool = False) -> None:
         self.acks.append((tag, multiple))
+
+    async def basic_nack(self, tag: int, requeue: bool = True) -> None:
+        assert requeue
+        self.nacks.append(tag)
 
 
 @dataclass
 class Message:
     channel: Channel
     delivery_tag: int
+    body: bytes = b""
+    headers: dict[str, Any] = field(default_factory=dict)
+    routing_key: str = "thing.made"
 
 
 def deliver(acks: _Acks, channel: Channel, tags: range) -> dict[int, Any]:
@@ -80,3 +91,68 @@ async def test_acks_settled_while_a_batch_is_written_follow_in_the_next() -> Non
     await acks.sent()
 
     assert channel.acks == [(1, True), (3, True)]
+
+
+async def test_a_delivery_handed_back_is_nacked_and_no_longer_holds_back_the_acks() -> None:
+    acks, channel = _Acks(), Channel()
+    messages = deliver(acks, channel, range(1, 4))
+
+    await acks.handed_back(messages[1])  # type: ignore[arg-type]
+    await settle(acks, messages[2], messages[3])
+
+    assert channel.nacks == [1]
+    assert channel.acks == [(3, True)]
+
+
+class ThingMade(Event):
+    type: ClassVar[str] = "thing.made"
+    name: str
+
+
+class RetryQueueDown:
+    """A broker whose retry and dead-letter queues take nothing (no leader, say)."""
+
+    retry_delays_ms = (10,)
+
+    async def send_to_queue(self, queue: str, message: Any, headers: Any) -> None:
+        raise BrokerUnavailable(f"{queue} did not confirm")
+
+
+@dataclass
+class Queue:
+    name: str = "things"
+
+
+def consumer(broker: Any, handler: Any) -> _AmqpConsumer:
+    made = _AmqpConsumer(broker, Channel(), Queue(), handler, MessageRegistry([ThingMade]))  # type: ignore[arg-type]
+    made.HAND_BACK_AFTER = 0
+    return made
+
+
+async def test_a_failure_that_cannot_go_to_its_retry_queue_is_handed_back_to_the_broker() -> None:
+    async def failing(delivery: Delivery) -> None:
+        raise RuntimeError("the database went away")
+
+    channel = Channel()
+    body = Envelope.wrap(ThingMade(name="x"), source="/tests").to_json()
+
+    await consumer(RetryQueueDown(), failing)._on_message(Message(channel, 1, body))  # type: ignore[arg-type]
+
+    assert (channel.nacks, channel.acks) == ([1], [])
+
+
+async def test_an_attempt_header_another_client_wrote_badly_counts_as_none() -> None:
+    handled: list[int] = []
+
+    async def record(delivery: Delivery) -> None:
+        handled.append(delivery.attempt)
+
+    channel = Channel()
+    body = Envelope.wrap(ThingMade(name="x"), source="/tests").to_json()
+    message = Message(channel, 1, body, headers={ATTEMPT_HEADER: "second"})
+
+    await consumer(RetryQueueDown(), record)._on_message(message)  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)  # the ack goes out in the next turn of the loop
+
+    assert handled == [1]
+    assert (channel.acks, channel.nacks) == ([(1, True)], [])

@@ -99,6 +99,12 @@ async def test_messages_are_written_only_when_the_transaction_commits(db: Databa
     assert [Envelope.from_json(body).data for body in bodies] == [{"name": "kept"}]
 
 
+async def make(transactions: Transactions, name: str) -> str:
+    """Commit a transaction that makes one thing; the id of its message."""
+    async with transactions.begin() as unit:
+        return unit.publish(ThingMade(name=name)).id
+
+
 async def drained(relay: OutboxRelay) -> bool:
     return await relay.backlog() == 0
 
@@ -147,11 +153,9 @@ async def test_the_next_batch_goes_out_while_the_last_is_being_marked(
     transactions = Transactions(db, "/tests", on_commit=relay.committed)
     relay.start()
     try:
-        async with transactions.begin() as unit:
-            first = unit.publish(ThingMade(name="first")).id
+        first = await make(transactions, "first")
         await asyncio.wait_for(marking.wait(), 5)
-        async with transactions.begin() as unit:
-            second = unit.publish(ThingMade(name="second")).id
+        second = await make(transactions, "second")
         await eventually(lambda: second in seen, within=5)  # not held back by the mark
         release.set()
         await eventually(lambda: drained(relay))
@@ -177,16 +181,36 @@ async def test_a_mark_that_fails_leaves_its_rows_to_the_poll_and_the_relay_goes_
     relay.start()
     await asyncio.sleep(0.1)  # past its first poll
     try:
-        async with transactions.begin() as unit:
-            first = unit.publish(ThingMade(name="first")).id
+        first = await make(transactions, "first")
         await eventually(lambda: first in seen, within=5)
-        async with transactions.begin() as unit:
-            second = unit.publish(ThingMade(name="second")).id
+        second = await make(transactions, "second")
         await eventually(lambda: drained(relay), within=5)
     finally:
         await relay.stop()
     # the unmarked one again, from the poll (whichever goes first)
     assert collections.Counter(seen) == {first: 2, second: 1}
+
+
+async def test_a_cancelled_error_from_the_broker_does_not_end_the_relay(
+    db: Database, broker: MemoryBroker, seen: list[str]
+) -> None:
+    relay = OutboxRelay(db, broker, service="tests", poll_seconds=0.05, fresh_seconds=0.3)
+    publish_many, failures = broker.publish_many, [asyncio.CancelledError()]
+
+    async def failing_once(envelopes: Sequence[Envelope]) -> list[BaseException | None]:
+        if failures:  # as aiormq fails confirms on a connection it gave up on
+            raise failures.pop()
+        return await publish_many(envelopes)
+
+    broker.publish_many = failing_once  # type: ignore[method-assign]
+    transactions = Transactions(db, "/tests", on_commit=relay.committed)
+    relay.start()
+    try:
+        made = await make(transactions, "made")
+        await eventually(lambda: made in seen, within=5)
+    finally:
+        await relay.stop()
+    assert not failures
 
 
 async def test_the_poll_leaves_fresh_rows_to_the_fast_path_and_takes_the_rest(
