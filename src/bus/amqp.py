@@ -403,10 +403,13 @@ class _Acks:
 
     def delivered(self, message: AbstractIncomingMessage) -> None:
         """A delivery arrived: its tag is outstanding until it is settled."""
-        if message.channel not in self._open:  # a new channel: forget the ones that closed
-            for closed in [channel for channel in self._open if channel.is_closed]:
+        channel = _channel_of(message)
+        if channel is None:
+            return  # closed already: it will get no ack, and comes again
+        if channel not in self._open:  # a new channel: forget the ones that closed
+            for closed in [known for known in self._open if known.is_closed]:
                 del self._open[closed]
-        self._open.setdefault(message.channel, set()).add(message.delivery_tag or 0)
+        self._open.setdefault(channel, set()).add(message.delivery_tag or 0)
 
     def settled(self, message: AbstractIncomingMessage) -> None:
         """The delivery is done with: ack it in this turn of the loop's batch."""
@@ -418,10 +421,11 @@ class _Acks:
         """The delivery was not dealt with: nack it (requeued), so the broker delivers it
         again. Its tag stays outstanding until the nack is written, so no ``multiple``
         ack covers it first."""
-        channel, tag = message.channel, message.delivery_tag or 0
+        channel, tag = _channel_of(message), message.delivery_tag or 0
+        if channel is None:
+            return  # closed: the broker delivers it again anyway
         try:
-            if not channel.is_closed:
-                await channel.basic_nack(tag, requeue=True)
+            await channel.basic_nack(tag, requeue=True)
         except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as error:
             log.warning("nack not sent; the broker will deliver it again", error=str(error))
         finally:
@@ -437,7 +441,9 @@ class _Acks:
             batch, self._settled = self._settled, []
             by_channel: dict[AbstractChannel, list[AbstractIncomingMessage]] = {}
             for message in batch:
-                by_channel.setdefault(message.channel, []).append(message)
+                # one whose channel closed gets no ack: the broker delivers it again
+                if (channel := _channel_of(message)) is not None:
+                    by_channel.setdefault(channel, []).append(message)
             for channel, messages in by_channel.items():
                 await self._ack(channel, messages)
         finally:
@@ -461,3 +467,11 @@ class _Acks:
                 await channel.basic_ack(tag)
         except (aiormq.exceptions.AMQPError, RuntimeError, ConnectionError) as error:
             log.warning("acks not sent; the broker will deliver those again", error=str(error))
+
+
+def _channel_of(message: AbstractIncomingMessage) -> AbstractChannel | None:
+    """The channel ``message`` came on, or None once that closed (aio-pika raises then)."""
+    try:
+        return message.channel
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        return None
