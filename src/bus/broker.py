@@ -35,6 +35,7 @@ from bus.observability import (
     spans_recorded,
     tracer,
 )
+from bus.resilience import out_of_reach
 
 EXCHANGE = "microshop.events"
 DEAD_LETTER_EXCHANGE = "microshop.dlx"
@@ -46,6 +47,11 @@ ROUTING_KEY_HEADER = "x-microshop-routing-key"
 FAILED_AT_HEADER = "x-microshop-failed-at"
 
 log = structlog.get_logger("bus.broker")
+
+# Retries a message gets past its delays while what its handler needs is out of reach,
+# each after the last delay: ten minutes at the default 5 s, time for a database to fail
+# over or restart, still bounded for a fault that only looks like one.
+OUTAGE_RETRIES = 120
 
 
 def being_cancelled() -> bool:
@@ -189,9 +195,11 @@ async def process(
 
     Invalid messages and :class:`Reject` go to the dead-letter queue at once; any other
     handler failure is retried after ``retry_delays_ms[attempt - 1]`` until the delays run
-    out, then dead-lettered. An ``observer`` (see :meth:`Broker.subscribe`) neither retries
-    nor dead-letters: what it cannot handle is logged and dropped. Cancellation
-    propagates: the message is left unacked, so the broker delivers it again.
+    out, then dead-lettered; an outage (the database or the broker out of reach:
+    :func:`~bus.resilience.out_of_reach`) is retried ``OUTAGE_RETRIES`` times more, at the
+    last delay. An ``observer`` (see :meth:`Broker.subscribe`) neither retries nor
+    dead-letters: what it cannot handle is logged and dropped. Cancellation propagates:
+    the message is left unacked, so the broker delivers it again.
     """
     attempt = _attempts_before(headers) + 1
     # a retried message comes back through the default exchange: keep its first routing key
@@ -224,7 +232,11 @@ async def process(
         if observer:
             log.error("observer failed on a message; dropped", exc_info=error)
             return Outcome("ack")
-        if attempt <= len(retry_delays_ms):
+        # an outage retries at the last delay while it lasts, within bounds: dead-lettered,
+        # messages the saga does not send again (user events, say) would wait for a person
+        outage = isinstance(error, BrokerUnavailable) or out_of_reach(error)
+        retries = len(retry_delays_ms) + (OUTAGE_RETRIES if outage and retry_delays_ms else 0)
+        if attempt <= retries:
             log.warning("handler failed, will retry", attempt=attempt, error=reason)
             child(MESSAGES_RETRIED, queue, envelope.type).inc()
             return Outcome(
@@ -234,7 +246,7 @@ async def process(
                     REASON_HEADER: reason[:1000],
                     ROUTING_KEY_HEADER: routing_key,
                 },
-                retry_delays_ms[attempt - 1],
+                retry_delays_ms[min(attempt, len(retry_delays_ms)) - 1],
             )
         log.error("handler failed, giving up", attempt=attempt, exc_info=error)
         detail = f"failed {attempt} times; last error {reason}\n{_last_frame(error)}"

@@ -13,6 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
+import sqlalchemy.exc
 import structlog
 import tenacity
 from prometheus_client import Counter, Gauge
@@ -32,6 +33,15 @@ BREAKER_TRANSITIONS = Counter(
     "Circuit breaker state transitions, by target state.",
     ["breaker", "to_state"],
 )
+
+
+def out_of_reach(error: BaseException) -> bool:
+    """Whether ``error`` says something the work needs could not be reached (a refused or
+    dropped connection, a pool with no connection to give): an outage, which says
+    nothing about the message being handled, and passes."""
+    if isinstance(error, ConnectionError | sqlalchemy.exc.TimeoutError):
+        return True
+    return isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated
 
 
 class CircuitOpenError(Exception):

@@ -215,20 +215,29 @@ async def test_failing_handler_is_retried_with_backoff_then_dead_lettered(rig: R
     assert Envelope.from_json(letter.body).data == {"n": 5}
 
 
-async def test_handler_that_recovers_is_acked_on_a_later_attempt(rig: Rig) -> None:
-    async def fail_twice(delivery: Delivery) -> None:
-        if delivery.attempt < 3:
-            raise ConnectionError("upstream down")
+@pytest.mark.parametrize(
+    ("error", "failures"),
+    [
+        (RuntimeError("upstream hiccup"), 2),  # within the retries a failure gets
+        (ConnectionRefusedError("the database is restarting"), 5),  # an outage: past them
+    ],
+)
+async def test_handler_that_recovers_is_acked_on_a_later_attempt(
+    rig: Rig, error: Exception, failures: int
+) -> None:
+    async def fail_for_a_while(delivery: Delivery) -> None:
+        if delivery.attempt <= failures:
+            raise error
 
-    seen = Recorder(fail_twice)
+    seen = Recorder(fail_for_a_while)
     queue = rig.queue()
     await rig.broker.consume(queue, [Pinged.type], seen, REGISTRY)
 
     await rig.broker.publish(ping(9))
 
-    await eventually(lambda: len(seen.deliveries) == 3)
+    await eventually(lambda: len(seen.deliveries) == failures + 1)
     await asyncio.sleep(0.2)
-    assert [d.attempt for d in seen.deliveries] == [1, 2, 3]
+    assert [d.attempt for d in seen.deliveries] == list(range(1, failures + 2))
     assert await rig.broker.dead_letters(queue) == []
 
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from bus.amqp import _Acks, _AmqpConsumer
-from bus.broker import ATTEMPT_HEADER, BrokerUnavailable, Delivery
+from bus.broker import ATTEMPT_HEADER, OUTAGE_RETRIES, BrokerUnavailable, Delivery, Outcome, process
 from bus.envelope import Envelope, Event, MessageRegistry
 
 
@@ -167,3 +167,27 @@ async def test_an_attempt_header_another_client_wrote_badly_counts_as_none() -> 
 
     assert handled == [1]
     assert (channel.acks, channel.nacks) == ([(1, True)], [])
+
+
+async def test_an_outage_is_retried_at_the_last_delay_but_not_for_ever() -> None:
+    async def database_down(delivery: Delivery) -> None:
+        raise ConnectionRefusedError("the database is down")
+
+    body = Envelope.wrap(ThingMade(name="x"), source="/tests").to_json()
+
+    async def after(attempts: int) -> Outcome:
+        return await process(
+            body,
+            {ATTEMPT_HEADER: attempts},
+            queue="things",
+            routing_key="thing.made",
+            handler=database_down,
+            registry=MessageRegistry([ThingMade]),
+            retry_delays_ms=(10, 20),
+        )
+
+    early, late, last = await after(0), await after(2), await after(2 + OUTAGE_RETRIES)
+
+    assert (early.action, early.delay_ms) == ("retry", 10)
+    assert (late.action, late.delay_ms) == ("retry", 20)  # past the delays: the last again
+    assert last.action == "dead_letter"

@@ -7,12 +7,14 @@ import itertools
 from collections.abc import Callable
 
 import pytest
+import sqlalchemy.exc
 from prometheus_client import REGISTRY
 
 from bus.resilience import (
     BreakerState,
     CircuitBreaker,
     CircuitOpenError,
+    out_of_reach,
     retry_call,
     retrying,
 )
@@ -325,3 +327,33 @@ async def test_retrying_excludes_circuit_open_even_when_asked_to_retry_it() -> N
     with pytest.raises(CircuitOpenError):
         await refused()
     assert refusals == 1
+
+
+def statement_failed(*, connection_invalidated: bool) -> sqlalchemy.exc.DBAPIError:
+    cause = OSError("connection lost")
+    return sqlalchemy.exc.DBAPIError(
+        "SELECT 1", {}, cause, connection_invalidated=connection_invalidated
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "outage"),
+    [
+        (ConnectionRefusedError("refused"), True),
+        (sqlalchemy.exc.TimeoutError("QueuePool limit reached"), True),
+        (
+            sqlalchemy.exc.DBAPIError("SELECT 1", {}, OSError("gone"), connection_invalidated=True),
+            True,
+        ),
+        (
+            sqlalchemy.exc.DBAPIError(
+                "SELECT 1", {}, ValueError("bad"), connection_invalidated=False
+            ),
+            False,
+        ),
+        (FileNotFoundError("no such file"), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_only_what_could_not_be_reached_is_an_outage(error: BaseException, outage: bool) -> None:
+    assert out_of_reach(error) is outage
