@@ -109,15 +109,19 @@ class CommitDecision(Enum):
 
     COMMIT = "commit"
     ALREADY_COMMITTED = "already committed"
+    TOO_LATE = "too late"
     REFUSE = "refuse"
 
 
 def decide_commit(status: ReservationStatus) -> CommitDecision:
-    """Only held units can be sold; committing twice is answered, not repeated."""
+    """Only held units can be sold; committing twice is answered, not repeated. A hold
+    that expired is too late to sell: the order is told again (it refunds the buyer)."""
     if status is ReservationStatus.RESERVED:
         return CommitDecision.COMMIT
     if status is ReservationStatus.COMMITTED:
         return CommitDecision.ALREADY_COMMITTED
+    if status is ReservationStatus.EXPIRED:
+        return CommitDecision.TOO_LATE
     return CommitDecision.REFUSE
 
 

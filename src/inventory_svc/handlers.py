@@ -144,9 +144,10 @@ def _answer_again(reservation: store.Reservation) -> Event:
 async def commit_stock(delivery: Delivery, unit: UnitOfWork) -> None:
     """Sell the order's held units; committing twice answers twice but sells once.
 
-    Committing an order with no reservation, or one released or expired, is refused
-    (dead-lettered with the reason): the order was paid for units it does not hold, and
-    an operator must see that rather than have it pass as a warning in a log.
+    Committing an order with no reservation, or one released, is refused (dead-lettered
+    with the reason): the order was paid for units it does not hold, and an operator must
+    see that rather than have it pass as a warning in a log. One whose hold expired is
+    answered with the expiry again, which the order service acts on (it refunds).
     """
     command = delivery.expect(StockCommit)
     session, now, order_id = unit.session, store.utc_now(), command.order_id
@@ -156,6 +157,10 @@ async def commit_stock(delivery: Delivery, unit: UnitOfWork) -> None:
     decision = domain.decide_commit(reservation.status)
     if decision is CommitDecision.REFUSE:
         raise Reject(f"cannot commit order {order_id}: its reservation is {reservation.status}")
+    if decision is CommitDecision.TOO_LATE:
+        log.warning("commit of an expired reservation; told again", order_id=order_id)
+        unit.publish(await _release(session, reservation, ReservationStatus.EXPIRED, None, now))
+        return
     if decision is CommitDecision.COMMIT:
         for line in reservation.lines:
             await store.move_stock(

@@ -247,6 +247,12 @@ async def test_an_uncommitted_reservation_expires_and_frees_its_units(
         assert (status, reservation["status"]) == (200, "expired")
         assert shop.answers(kept) == ["stock.reserved", "stock.committed"]
 
+        await shop.send(StockCommit(order_id=forgotten))  # paid for too late: told again
+        await eventually(lambda: len(shop.answers(forgotten)) == 3)
+        assert shop.answers(forgotten) == ["stock.reserved", "stock.released", "stock.released"]
+        assert shop.events("stock.released", order_id=forgotten)[1] == released
+        assert (await shop.counters(product))["sold"] == 1
+
 
 async def test_stock_adds_up_under_a_mix_of_commands_each_delivered_twice(
     shop: Inventory,

@@ -53,11 +53,8 @@ def test_reservation_total_is_price_times_quantity_in_cents() -> None:
 def test_only_a_held_reservation_can_be_committed_and_a_second_commit_is_a_repeat() -> None:
     assert domain.decide_commit(ReservationStatus.RESERVED) is CommitDecision.COMMIT
     assert domain.decide_commit(ReservationStatus.COMMITTED) is CommitDecision.ALREADY_COMMITTED
-    for status in (
-        ReservationStatus.RELEASED,
-        ReservationStatus.EXPIRED,
-        ReservationStatus.REJECTED,
-    ):
+    assert domain.decide_commit(ReservationStatus.EXPIRED) is CommitDecision.TOO_LATE
+    for status in (ReservationStatus.RELEASED, ReservationStatus.REJECTED):
         assert domain.decide_commit(status) is CommitDecision.REFUSE
 
 
