@@ -12,13 +12,12 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 from bus.web import TRANSACTIONS, Api, Conflict, NotFound, Page, json_response, page_params
 from inventory_svc import domain, store
 from inventory_svc.domain import ReservationStatus
-from inventory_svc.messages import ProductCreated, ProductUpdated, StockRestocked
+from inventory_svc.messages import ProductCreated, ProductId, ProductUpdated, StockRestocked
 
 # set by app.build: how long a reservation holds its units
 RESERVATION_TTL = web.AppKey("RESERVATION_TTL", float)
 STAFF = ("admin", "manager")
 
-ProductId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$", examples=["laptop"])]
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Price = Annotated[Decimal, Field(gt=0, max_digits=12, decimal_places=2, examples=["1299.99"])]
 Units = Annotated[int, Field(strict=True, ge=0, le=1_000_000_000)]

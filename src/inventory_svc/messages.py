@@ -6,11 +6,14 @@ Other services import these models; changing a field is changing a contract.
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import ClassVar
+from typing import Annotated, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from bus.envelope import Command, Event
+
+# What a product's id may be, wherever one is named: it goes into URLs as it is
+ProductId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$", examples=["laptop"])]
 
 
 class LineItem(BaseModel):

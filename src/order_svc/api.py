@@ -31,8 +31,8 @@ from bus.web import (
 from order_svc import replicas, saga, store
 from order_svc.admission import Admission
 from order_svc.domain import MANUAL, OrderStatus, TransitionError, line_total, money
-from order_svc.messages import OrderCreated, OrderLine
-from order_svc.replicas import Directory, KnownProduct, UpstreamUnavailable
+from order_svc.messages import MOST_OF_ONE_PRODUCT, OrderCreated, OrderLine
+from order_svc.replicas import Directory, KnownProduct, Refused, UpstreamUnavailable
 from order_svc.saga import Policy
 from order_svc.views import OrderView, new_order_view, order_view, order_views
 
@@ -285,6 +285,12 @@ def _merged(items: list[OrderLine]) -> list[OrderLine]:
     quantities: dict[str, int] = {}
     for item in items:
         quantities[item.product_id] = quantities.get(item.product_id, 0) + item.quantity
+    for product_id, quantity in quantities.items():
+        if quantity > MOST_OF_ONE_PRODUCT:
+            raise Unprocessable(
+                f"body.items: {quantity} of {product_id!r} in all; "
+                f"an order takes at most {MOST_OF_ONE_PRODUCT} of one product"
+            )
     return [OrderLine(product_id=p, quantity=q) for p, q in sorted(quantities.items())]
 
 
@@ -312,7 +318,12 @@ async def _what_is_known(
     directory = request.app[DIRECTORY]
     found = None
     if user is None:
-        found = await directory.user(user_id, request.headers["Authorization"])
+        try:
+            found = await directory.user(user_id, request.headers["Authorization"])
+        except Refused:
+            raise Forbidden(
+                "your account is deactivated or deleted: it cannot place orders"
+            ) from None
         if found is None:
             raise Forbidden("your account does not exist any more")
         user = replicas.KnownUser(user_id, found.get("status", "active"))
@@ -320,7 +331,10 @@ async def _what_is_known(
         raise Forbidden(f"your account is {user.status}: it cannot place orders")
     fetched = []
     for product_id in sorted(product_ids - known.keys()):
-        product = await directory.product(product_id)
+        try:
+            product = await directory.product(product_id)
+        except Refused as refused:
+            raise Unprocessable(f"product {product_id!r} cannot be ordered: {refused}") from None
         if product is None:
             raise Unprocessable(f"unknown product {product_id!r}")
         known[product_id] = KnownProduct(product_id, product["name"], Decimal(product["price"]))

@@ -9,6 +9,9 @@ from typing import ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from bus.envelope import Event
+from inventory_svc.messages import ProductId
+
+MOST_OF_ONE_PRODUCT = 10_000  # an order line's quantity at most
 
 
 class OrderLine(BaseModel):
@@ -16,8 +19,8 @@ class OrderLine(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    product_id: str
-    quantity: int = Field(ge=1)
+    product_id: ProductId
+    quantity: int = Field(ge=1, le=MOST_OF_ONE_PRODUCT)
 
 
 class OrderCreated(Event):

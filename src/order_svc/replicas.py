@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import structlog
@@ -120,6 +121,15 @@ class UpstreamUnavailable(Exception):
     """The user or inventory service could not be asked (down, slow, or breaker open)."""
 
 
+class Refused(Exception):
+    """The user or inventory service answered, and said no (4xx): it works, and a lookup
+    it turns away neither counts against its breaker nor is asked again."""
+
+
+def _failing(error: BaseException) -> bool:
+    return not isinstance(error, Refused)
+
+
 class Directory:
     """Asks the user and inventory services about what the replicas have not seen yet."""
 
@@ -127,17 +137,26 @@ class Directory:
         self.session = session
         self.user_url = user_url.rstrip("/")
         self.inventory_url = inventory_url.rstrip("/")
-        self.users = CircuitBreaker("order->user", failure_threshold=5, reset_timeout=10)
-        self.inventory = CircuitBreaker("order->inventory", failure_threshold=5, reset_timeout=10)
+        self.users = CircuitBreaker(
+            "order->user", failure_threshold=5, reset_timeout=10, is_failure=_failing
+        )
+        self.inventory = CircuitBreaker(
+            "order->inventory", failure_threshold=5, reset_timeout=10, is_failure=_failing
+        )
 
     async def user(self, user_id: str, authorization: str) -> dict[str, Any] | None:
-        """``GET /users/{id}`` with the caller's own token (a user may read itself)."""
-        url = f"{self.user_url}/users/{user_id}"
+        """``GET /users/{id}`` with the caller's own token (a user may read itself).
+
+        Raises :class:`Refused` when the user service turns the caller away: its account
+        is deactivated or deleted.
+        """
+        url = f"{self.user_url}/users/{quote(user_id, safe='')}"
         return await self._get(self.users, url, {"Authorization": authorization})
 
     async def product(self, product_id: str) -> dict[str, Any] | None:
         """``GET /products/{id}`` (public)."""
-        return await self._get(self.inventory, f"{self.inventory_url}/products/{product_id}", {})
+        url = f"{self.inventory_url}/products/{quote(product_id, safe='')}"
+        return await self._get(self.inventory, url, {})
 
     async def _get(
         self, breaker: CircuitBreaker, url: str, headers: dict[str, str]
@@ -146,6 +165,8 @@ class Directory:
             async with self.session.get(url, headers=headers) as response:
                 if response.status == 404:
                     return None
+                if 400 <= response.status < 500:
+                    raise Refused(f"{url} answered {response.status}")
                 response.raise_for_status()
                 body: dict[str, Any] = await response.json()
                 return body
@@ -159,6 +180,8 @@ class Directory:
                 maximum=0.5,
                 retry_on=(aiohttp.ClientError, TimeoutError),
             )
+        except Refused:
+            raise
         except Exception as error:
             log.warning("upstream lookup failed", url=url, error=repr(error))
             raise UpstreamUnavailable(f"{url.split('/')[2]} is unavailable") from error

@@ -362,6 +362,20 @@ async def test_orders_are_private_and_validated(launch: Launch) -> None:
         json={"items": [{"product_id": "mouse", "quantity": 0}], "payment": VISA},
     )
     assert status == 422
+    for items, detail in [
+        ([{"product_id": "../metrics", "quantity": 1}], "product_id"),
+        ([{"product_id": "mouse", "quantity": 10**19}], "quantity"),
+        ([{"product_id": "mouse", "quantity": 6000}] * 2, "at most 10000 of one product"),
+    ]:
+        status, body = await client.call(
+            "POST", "order", "/orders", as_user=eve, json={"items": items, "payment": VISA}
+        )
+        assert (status, body["type"]) == (422, "about:blank"), body
+        assert detail in body["detail"]
+    status, body = await client.call(
+        "POST", "order", "/orders", as_user=eve, json={"items": [MOUSE], "payment": VISA}
+    )
+    assert status == 202, body  # what went before opened no breaker
 
 
 async def test_idempotency_key_never_creates_a_second_order(launch: Launch) -> None:
