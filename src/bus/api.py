@@ -78,6 +78,19 @@ def page_params(
     return min(limit, max_limit), _query_int(request, "offset", 0)
 
 
+def idempotency_key(request: web.Request, longest: int) -> str | None:
+    """The request's ``Idempotency-Key``, if it has one: 1 to ``longest`` printable ASCII
+    characters (what the service's table keeps), else a 422."""
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (1 <= len(key) <= longest and key.isascii() and key.isprintable()):
+        message = f"must be 1-{longest} printable ASCII characters"
+        raise Unprocessable(
+            f"header.Idempotency-Key: {message}",
+            errors=[{"loc": "header.Idempotency-Key", "msg": message}],
+        )
+    return key
+
+
 # --- auth and bodies ------------------------------------------------------------------------
 
 

@@ -35,7 +35,7 @@ from bus.observability import (
     spans_recorded,
     tracer,
 )
-from bus.resilience import out_of_reach
+from bus.resilience import out_of_reach, refused_as_data
 
 EXCHANGE = "microshop.events"
 DEAD_LETTER_EXCHANGE = "microshop.dlx"
@@ -232,6 +232,9 @@ async def process(
         if observer:
             log.error("observer failed on a message; dropped", exc_info=error)
             return Outcome("ack")
+        if refused_as_data(error):  # sent again, it would be refused again
+            log.warning("message refused by the database", queue=queue, reason=reason)
+            return _dead_letter(queue, routing_key, envelope.type, reason, "invalid", attempt)
         # an outage retries at the last delay while it lasts, within bounds: dead-lettered,
         # messages the saga does not send again (user events, say) would wait for a person
         outage = isinstance(error, BrokerUnavailable) or out_of_reach(error)

@@ -44,6 +44,14 @@ def out_of_reach(error: BaseException) -> bool:
     return isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated
 
 
+def refused_as_data(error: BaseException) -> bool:
+    """Whether the database refused a value for what it is (SQLSTATE class 22: text with
+    a NUL character, a number out of range): what carried it fails so every time."""
+    if not isinstance(error, sqlalchemy.exc.DBAPIError):
+        return False
+    return str(getattr(error.orig, "sqlstate", "")).startswith("22")
+
+
 class CircuitOpenError(Exception):
     """A call was refused without being attempted because the breaker is open."""
 

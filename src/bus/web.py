@@ -25,7 +25,16 @@ from pydantic_core import to_json
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from bus.api import PRINCIPAL, VERIFIER, Api, Page, json_response, page_params, principal
+from bus.api import (
+    PRINCIPAL,
+    VERIFIER,
+    Api,
+    Page,
+    idempotency_key,
+    json_response,
+    page_params,
+    principal,
+)
 from bus.auth import TokenVerifier
 from bus.health import HEALTH, Health
 from bus.observability import HTTP_REQUESTS, HTTP_SECONDS, extract_trace, tracer
@@ -38,6 +47,7 @@ from bus.problems import (
     Unprocessable,
     problem_response,
 )
+from bus.resilience import refused_as_data
 from bus.settings import Settings
 from bus.transactions import Transactions
 
@@ -60,6 +70,7 @@ __all__ = [
     "Unauthorized",
     "Unprocessable",
     "create_app",
+    "idempotency_key",
     "json_response",
     "page_params",
     "principal",
@@ -223,6 +234,12 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
                 instance=request.path,
                 headers={"Retry-After": "1"},
             )
+        if refused_as_data(exc):
+            log.info("a value the database cannot store", route=_route_template(request))
+            return Unprocessable(
+                "a value in this request cannot be stored "
+                "(text with a NUL character, or a number out of range)"
+            ).response(instance=request.path)
         trace.get_current_span().record_exception(exc)
         log.exception("unhandled error", method=request.method, route=_route_template(request))
         # The exception text stays in the logs: it can hold SQL, paths or other callers' data.

@@ -24,6 +24,7 @@ from bus.web import (
     NotFound,
     Page,
     Unprocessable,
+    idempotency_key,
     json_response,
     page_params,
     principal,
@@ -86,7 +87,7 @@ class CancelRequest(BaseModel):
 )
 async def place_order(request: web.Request, body: PlaceOrder) -> web.StreamResponse:
     caller = principal(request)
-    key = request.headers.get("Idempotency-Key")
+    key = idempotency_key(request, longest=store.IDEMPOTENCY_KEY_LENGTH)
     # only a keyed request needs its fingerprint (same key, different body: refused)
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest() if key else ""
     transactions = request.app[TRANSACTIONS]

@@ -97,11 +97,12 @@ products = Table(
     Column("price_cents", BigInteger, nullable=False),
 )
 
+IDEMPOTENCY_KEY_LENGTH = 200  # characters of a client's Idempotency-Key, at most
 idempotency_keys = Table(
     "idempotency_keys",
     metadata,
     Column("user_id", String(64), primary_key=True),
-    Column("key", String(200), primary_key=True),
+    Column("key", String(IDEMPOTENCY_KEY_LENGTH), primary_key=True),
     Column("request_hash", String(64), nullable=False),
     Column("order_id", String(32), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),

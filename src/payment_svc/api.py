@@ -19,6 +19,7 @@ from bus.web import (
     NotFound,
     Page,
     Unprocessable,
+    idempotency_key,
     json_response,
     page_params,
     principal,
@@ -43,7 +44,6 @@ from payment_svc.providers import PaymentGateway, ProviderHealth, ProviderTimeou
 api = Api()
 GATEWAY = web.AppKey("GATEWAY", PaymentGateway)
 STAFF = ("admin", "manager")
-IDEMPOTENCY_KEY = "Idempotency-Key"
 
 # 100 and 100.00 are one amount: normalised, they also fingerprint alike for Idempotency-Key
 Amount = Annotated[Decimal, Field(gt=0, max_digits=11, decimal_places=2), AfterValidator(money)]
@@ -109,11 +109,9 @@ async def list_providers(request: web.Request) -> web.Response:
 
 
 def _idempotency_key(request: web.Request, body: ProcessPayment) -> store.IdempotencyKey | None:
-    key = request.headers.get(IDEMPOTENCY_KEY)
+    key = idempotency_key(request, longest=store.IDEMPOTENCY_KEY_LENGTH)
     if key is None:
         return None
-    if not (1 <= len(key) <= 255 and key.isascii() and key.isprintable()):
-        raise Unprocessable(f"{IDEMPOTENCY_KEY} must be 1-255 printable ASCII characters")
     fingerprint = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
     return store.IdempotencyKey(principal(request).user_id, key, fingerprint)
 

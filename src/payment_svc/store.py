@@ -141,11 +141,12 @@ refunds = Table(
     Column("created_at", UtcDateTime, nullable=False),
 )
 
+IDEMPOTENCY_KEY_LENGTH = 255  # characters of a client's Idempotency-Key, at most
 idempotency_keys = Table(
     "idempotency_keys",
     metadata,
     Column("user_id", String(100), primary_key=True),
-    Column("key", String(255), primary_key=True),
+    Column("key", String(IDEMPOTENCY_KEY_LENGTH), primary_key=True),
     Column("request_hash", String(64), nullable=False),
     Column("payment_id", String(40), nullable=False),
     Column("created_at", UtcDateTime, nullable=False, index=True),

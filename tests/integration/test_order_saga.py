@@ -373,6 +373,18 @@ async def test_orders_are_private_and_validated(launch: Launch) -> None:
         assert (status, body["type"]) == (422, "about:blank"), body
         assert detail in body["detail"]
     status, body = await client.call(
+        "POST",
+        "order",
+        "/orders",
+        as_user=eve,
+        json={"items": [MOUSE], "payment": VISA},
+        headers={"Idempotency-Key": "k" * 201},  # longer than the service keeps
+    )
+    assert (status, body["detail"]) == (
+        422,
+        "header.Idempotency-Key: must be 1-200 printable ASCII characters",
+    )
+    status, body = await client.call(
         "POST", "order", "/orders", as_user=eve, json={"items": [MOUSE], "payment": VISA}
     )
     assert status == 202, body  # what went before opened no breaker

@@ -228,6 +228,12 @@ async def test_bad_payments_are_refused_before_anything_is_charged_or_recorded(
     assert await status_of(provider="bitpay") == 422
     assert await status_of(payment_method="4242 4242 4242 4242") == 422
     assert await status_of(provider="crypto") == 503
+    for key in ("k" * 256, "tab\there"):
+        keyed = await http.call(
+            "POST", "/payments/process", token=token, json=good, headers={"Idempotency-Key": key}
+        )
+        assert keyed.status == 422
+        assert "Idempotency-Key" in keyed.body["detail"]
     unauthenticated = await http.call("POST", "/payments/process", json=good)
     assert unauthenticated.status == 401
     payments = await http.call("GET", "/payments", token=tokens.mint("staff", "admin"))

@@ -121,3 +121,18 @@ async def test_invalid_registrations_are_422_and_never_echo_the_password(
     assert answer.status == 422
     assert answer.body["errors"][0]["loc"] == field
     assert body["password"] not in json.dumps(answer.body)
+
+
+async def test_a_value_the_database_cannot_store_is_422_not_500(
+    run_service: ServiceStarter,
+) -> None:
+    service = await run_service(user_svc.app)
+    body = {"name": "Fr\u0000ank", "email": "frank@example.com", "password": "password-1"}
+    async with UserHttp(service.settings.public_url) as users:
+        answer = await users.call("POST", "/users", json=body)
+        again = await users.call("POST", "/users", json=body | {"name": "Frank"})
+
+    assert answer.status == 422
+    assert answer.headers["Content-Type"].startswith("application/problem+json")
+    assert "cannot be stored" in answer.body["detail"]
+    assert again.status == 201  # nothing of the refused one was kept

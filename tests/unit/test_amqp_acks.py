@@ -7,10 +7,19 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import sqlalchemy.exc
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from bus.amqp import _Acks, _AmqpConsumer
-from bus.broker import ATTEMPT_HEADER, OUTAGE_RETRIES, BrokerUnavailable, Delivery, Outcome, process
+from bus.broker import (
+    ATTEMPT_HEADER,
+    CAUSE_HEADER,
+    OUTAGE_RETRIES,
+    BrokerUnavailable,
+    Delivery,
+    Outcome,
+    process,
+)
 from bus.envelope import Envelope, Event, MessageRegistry
 
 
@@ -191,3 +200,25 @@ async def test_an_outage_is_retried_at_the_last_delay_but_not_for_ever() -> None
     assert (early.action, early.delay_ms) == ("retry", 10)
     assert (late.action, late.delay_ms) == ("retry", 20)  # past the delays: the last again
     assert last.action == "dead_letter"
+
+
+async def test_a_value_the_database_refuses_is_dead_lettered_at_once() -> None:
+    class NulInText(Exception):
+        sqlstate = "22021"
+
+    async def store_it(delivery: Delivery) -> None:
+        raise sqlalchemy.exc.DBAPIError("INSERT ...", {}, NulInText("invalid byte sequence"))
+
+    body = Envelope.wrap(ThingMade(name="x"), source="/tests").to_json()
+    outcome = await process(
+        body,
+        {},
+        queue="things",
+        routing_key="thing.made",
+        handler=store_it,
+        registry=MessageRegistry([ThingMade]),
+        retry_delays_ms=(10, 20),
+    )
+
+    assert outcome.action == "dead_letter"
+    assert outcome.headers[CAUSE_HEADER] == "invalid"

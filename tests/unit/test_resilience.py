@@ -15,6 +15,7 @@ from bus.resilience import (
     CircuitBreaker,
     CircuitOpenError,
     out_of_reach,
+    refused_as_data,
     retry_call,
     retrying,
 )
@@ -357,3 +358,20 @@ def statement_failed(*, connection_invalidated: bool) -> sqlalchemy.exc.DBAPIErr
 )
 def test_only_what_could_not_be_reached_is_an_outage(error: BaseException, outage: bool) -> None:
     assert out_of_reach(error) is outage
+
+
+class Refusal(Exception):
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"SQLSTATE {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "refused"),
+    [("22021", True), ("22003", True), ("23505", False), ("40P01", False)],
+)
+def test_only_a_data_exception_is_a_value_refused(sqlstate: str, refused: bool) -> None:
+    error = sqlalchemy.exc.DBAPIError("INSERT ...", {}, Refusal(sqlstate))
+
+    assert refused_as_data(error) is refused
+    assert not refused_as_data(Refusal("22021"))  # only what the database said counts
