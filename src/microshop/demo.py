@@ -3,7 +3,9 @@
 The services share the in-process broker (``memory://demo``) and keep their data in SQLite
 files in a temporary folder, with the demo users and catalogue loaded. ``--once`` places a
 set of sample orders over HTTP, shows how each saga ends, and exits. With
-``MICROSHOP_BROKER_URL=amqp://...`` the same demo runs on RabbitMQ.
+``MICROSHOP_BROKER_URL=amqp://...`` the same demo runs on RabbitMQ, on an exchange and
+queues of its own that it deletes when it stops: the variable the operator tools read
+must not make the demo a consumer of a real system's commands.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import signal
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ import aiohttp
 from bus.observability import configure_logging
 from bus.service import Runnable
 from bus.settings import DEFAULT_PORTS
+from microshop.local import remove_from_broker
 
 SERVICES = ("user", "inventory", "payment", "order")
 BOB = "bob@example.com"
@@ -62,12 +66,17 @@ SCENARIOS = (
 )
 
 
-def build_services(workdir: Path) -> list[Runnable]:
+def build_services(workdir: Path, system: str = "demo") -> list[Runnable]:
     """The gateway, then each service with demo data, SQLite in ``workdir``, one broker.
 
-    The gateway starts first so that it hears every service's first heartbeat.
+    On RabbitMQ the system is ``system``'s own: exchange ``SYSTEM.events``, queues
+    ``SYSTEM-SERVICE``. The gateway starts first so that it hears every service's first
+    heartbeat.
     """
-    broker_url = os.environ.get("MICROSHOP_BROKER_URL") or "memory://demo"
+    broker_url = broker()
+    own: dict[str, Any] = (
+        {} if broker_url.startswith("memory:") else {"exchange": f"{system}.events"}
+    )
     user_url = f"http://127.0.0.1:{DEFAULT_PORTS['user']}"
     import gateway.app
 
@@ -77,6 +86,7 @@ def build_services(workdir: Path) -> list[Runnable]:
         broker_url=broker_url,
         jwks_url=f"{user_url}/.well-known/jwks.json",
         log_json=False,
+        **own,
     )
     services: list[Runnable] = [gateway.app.build(gateway_settings)]
     for name in SERVICES:
@@ -92,15 +102,23 @@ def build_services(workdir: Path) -> list[Runnable]:
         }
         if "demo_data" in fields:
             values["demo_data"] = True
+        if own:
+            values |= own | {"queue": f"{system}-{name}"}
         services.append(module.build(module.Settings(**values)))
     return services
+
+
+def broker() -> str:
+    """The broker the demo runs on: ``MICROSHOP_BROKER_URL``, else the in-process one."""
+    return os.environ.get("MICROSHOP_BROKER_URL") or "memory://demo"
 
 
 async def run_demo(once: bool) -> int:
     """Start everything; then play the scenarios (``once``) or serve until Ctrl-C."""
     configure_logging("demo", level=os.environ.get("MICROSHOP_LOG_LEVEL", "WARNING"), json=False)
+    name = f"demo-{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory(prefix="microshop-demo-") as workdir:
-        services = build_services(Path(workdir))
+        services = build_services(Path(workdir), name)
         started: list[Runnable] = []
         try:
             for service in services:
@@ -116,6 +134,9 @@ async def run_demo(once: bool) -> int:
         finally:
             for service in reversed(started):
                 await service.stop()
+            if not broker().startswith("memory:"):
+                delays = services[-1].settings.retry_delays_ms
+                await remove_from_broker(broker(), name, delays)
 
 
 async def _until_signalled() -> None:

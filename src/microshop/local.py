@@ -14,6 +14,7 @@ import random
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,20 +149,26 @@ class LocalSystem:
 
     async def clean(self) -> None:
         """Delete what the system left on the broker and in the database."""
-        connection = await aio_pika.connect(self.rabbit_url)
-        async with connection:
-            channel = await connection.channel()
-            for service in SERVICES:
-                queue = f"{self.name}-{service}"
-                for name in (
-                    queue,
-                    dead_letter_queue(queue),
-                    *(retry_queue(queue, d) for d in RETRY_DELAYS_MS),
-                ):
-                    await channel.queue_delete(name)
-            for exchange in (f"{self.name}.events", f"{self.name}.events.dlx"):
-                await channel.exchange_delete(exchange)
+        await remove_from_broker(self.rabbit_url, self.name, RETRY_DELAYS_MS)
         for service in SERVICES:
             db = Database(self.database_url, schema=f"{self.name}_{service}")
             await db.drop_schema()
             await db.close()
+
+
+async def remove_from_broker(rabbit_url: str, name: str, retry_delays_ms: Sequence[int]) -> None:
+    """Delete a system's queues (``NAME-SERVICE``, their retry and dead-letter queues) and
+    exchanges (``NAME.events`` and its dead-letter exchange) from RabbitMQ."""
+    connection = await aio_pika.connect(rabbit_url)
+    async with connection:
+        channel = await connection.channel()
+        for service in SERVICES:
+            queue = f"{name}-{service}"
+            for doomed in (
+                queue,
+                dead_letter_queue(queue),
+                *(retry_queue(queue, delay) for delay in retry_delays_ms),
+            ):
+                await channel.queue_delete(doomed)
+        for exchange in (f"{name}.events", f"{name}.events.dlx"):
+            await channel.exchange_delete(exchange)

@@ -113,3 +113,19 @@ def test_a_hand_written_readme_in_schemas_is_kept_by_export_and_ignored_by_check
     assert readme.read_text() == "# how messages are versioned\n"
     assert not (tmp_path / "messages" / "order.vanished.json").exists()  # stale: removed
     assert main(["schemas", "check", str(tmp_path)]) == 0
+
+
+def test_the_demo_plays_its_scenarios_in_process_and_exits_0() -> None:
+    result = run_cli("demo", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert "4/4 scenarios ended as expected" in result.stdout
+    for scenario, status in [
+        ("happy path", "confirmed"),
+        ("out of stock", "cancelled"),
+        ("declined card", "cancelled"),
+        ("cancel with refund", "refunded"),
+    ]:
+        (row,) = [line for line in result.stdout.splitlines() if line.startswith(scenario + " ")]
+        assert status in row
+        assert row.endswith("[ok]")
