@@ -297,7 +297,7 @@ def dead_letter_from(
         message_id=message_id,
         reason=str(headers.get(REASON_HEADER, "dead-lettered by the broker (delivery limit)")),
         cause=str(headers.get(CAUSE_HEADER, "broker")),
-        attempts=int(headers.get(ATTEMPT_HEADER, 0)),
+        attempts=_attempts_before(headers),
         failed_at=str(headers[FAILED_AT_HEADER]) if FAILED_AT_HEADER in headers else None,
         body=body,
     )

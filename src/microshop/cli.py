@@ -85,6 +85,11 @@ def _add_event_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
     publish.add_argument(
         "--correlation-id", metavar="ID", help="the flow it belongs to (default: a new one)"
     )
+    publish.add_argument(
+        "--id",
+        metavar="ID",
+        help="its message id (default: a new one): an unconfirmed publish, sent again",
+    )
 
     tail = commands.add_parser("tail", help="show messages as they flow, until Ctrl-C")
     tail.add_argument(
@@ -201,7 +206,9 @@ def publish_command(args: argparse.Namespace) -> int:
     from microshop.ops.events import envelope_for, publish, read_data
 
     data = read_data(args.data)
-    envelope = envelope_for(args.type, data, source=args.source, correlation_id=args.correlation_id)
+    envelope = envelope_for(
+        args.type, data, source=args.source, correlation_id=args.correlation_id, message_id=args.id
+    )
     asyncio.run(publish(load_settings(), envelope))
     print(envelope.id)
     return 0

@@ -3,22 +3,25 @@ how every mistake is reported (one line, no traceback)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from bus.broker import ATTEMPT_HEADER, BrokerUnavailable, dead_letter_from
 from bus.envelope import Envelope
 from bus.schemas import example_data
+from bus.settings import Settings
 from microshop.cli import main
-from microshop.ops import BadInput
+from microshop.ops import BadInput, OpsError, events
 from microshop.ops.events import describe, envelope_for, read_data
 from user_svc.messages import UserCreated
 
@@ -162,6 +165,24 @@ def test_the_envelope_carries_the_version_source_and_flow() -> None:
     assert fresh.correlationid == fresh.id != envelope.id  # without one, a new flow starts
 
 
+def test_what_the_services_would_refuse_is_refused_before_publishing() -> None:
+    data = example_data(UserCreated)
+
+    with pytest.raises(BadInput, match=r"would refuse this message: .*source"):
+        envelope_for("user.created", data, source="")
+    with pytest.raises(BadInput, match=r"would refuse this message: .*id"):
+        envelope_for("user.created", data, message_id="x" * 65)
+
+
+def test_a_message_sent_again_keeps_its_id_so_the_services_take_it_once() -> None:
+    data = example_data(UserCreated)
+
+    again = envelope_for("user.created", data, message_id="0123456789abcdef")
+
+    assert again.id == "0123456789abcdef"
+    assert again.correlationid != again.id  # its flow is its own, as the first one's was
+
+
 def test_a_tailed_line_names_time_type_order_user_and_flow() -> None:
     envelope = Envelope(
         id="e-1",
@@ -179,3 +200,27 @@ def test_a_tailed_line_names_time_type_order_user_and_flow() -> None:
     assert "order=" not in line
     assert "user=" not in line
     assert line.endswith("service.heartbeat       correlation=flow-1")
+
+
+async def test_an_unconfirmed_publish_names_its_id_to_send_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class ConfirmLate:
+        async def publish(self, envelope: Envelope) -> None:
+            raise BrokerUnavailable("publish of 'user.created' not confirmed: timed out")
+
+    @contextlib.asynccontextmanager
+    async def connected(settings: Settings) -> AsyncIterator[ConfirmLate]:
+        yield ConfirmLate()
+
+    monkeypatch.setattr(events, "connected", connected)
+    envelope = envelope_for("user.created", example_data(UserCreated))
+
+    with pytest.raises(OpsError, match=f"may have been published.*--id {envelope.id}"):
+        await events.publish(Settings(), envelope)
+
+
+def test_a_dead_letter_with_an_attempt_header_written_badly_is_still_listed() -> None:
+    letter = dead_letter_from("orders", b"{}", {ATTEMPT_HEADER: "second"}, "m-1")
+
+    assert (letter.attempts, letter.cause) == (0, "broker")

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bus.broker import Delivery, Unroutable
+from bus.broker import BrokerUnavailable, Delivery, Unroutable
 from bus.envelope import Envelope, InvalidMessage, MessageRegistry
 from bus.settings import Settings
 from microshop.catalogue import REGISTRY
@@ -47,12 +47,16 @@ def envelope_for(
     *,
     source: str = CLI_SOURCE,
     correlation_id: str | None = None,
+    message_id: str | None = None,
     registry: MessageRegistry = REGISTRY,
 ) -> Envelope:
-    """Validate ``data`` as a ``message_type`` and wrap it in a new CloudEvent.
+    """Validate ``data`` as a ``message_type`` and wrap it in a new CloudEvent (with
+    ``message_id``, to send one again that may have gone: the services take it once).
 
     Stricter than a consumer: a field the model does not have is refused rather than
-    ignored, since here it is a typing mistake, not a newer version of the message.
+    ignored, since here it is a typing mistake, not a newer version of the message. The
+    whole CloudEvent is then read back as a consumer reads it: what they would
+    dead-letter (an empty source, an over-long id) is refused here.
     """
     try:
         model = registry.model(message_type)
@@ -70,7 +74,14 @@ def envelope_for(
         raise BadInput(
             f"invalid {message_type} data: {where}: {problems[0]['msg']}{more}"
         ) from None
-    return Envelope.wrap(message, source=source, correlation_id=correlation_id)
+    envelope = Envelope.wrap(message, source=source, correlation_id=correlation_id)
+    if message_id is not None:
+        envelope = envelope.model_copy(update={"id": message_id})
+    try:
+        registry.parse(envelope.to_json())
+    except InvalidMessage as error:
+        raise BadInput(f"the services would refuse this message: {error}") from None
+    return envelope
 
 
 def _unknown_type(message_type: str, registry: MessageRegistry) -> str:
@@ -89,6 +100,13 @@ async def publish(settings: Settings, envelope: Envelope) -> None:
             raise OpsError(
                 f"nothing was published: no queue on {settings.exchange} is bound to "
                 f"{envelope.type!r} (is the service that consumes it running?)"
+            ) from None
+        except BrokerUnavailable as error:
+            # the broker may hold it yet (a confirm late past a memory alarm): a new id
+            # would make a second message the inbox cannot tell from the first
+            raise OpsError(
+                f"{error}; message {envelope.id} may have been published: to be sure, "
+                f"publish it again with --id {envelope.id} (the services take it once)"
             ) from None
 
 
