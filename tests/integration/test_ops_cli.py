@@ -321,6 +321,19 @@ async def test_replay_all_counts_and_purge_asks_first(ops: Ops) -> None:
     assert forced.stdout == f"purged 0 dead letters from {queue}.dlq\n"
     assert await ops.dead_letters(queue) == []
 
+    await ops.bury(queue, buried[0], "rejected")
+    racing = await ops.start("dlq", "purge", queue)
+    assert racing.stdout is not None
+    asked = b""
+    while b"for good?" not in asked:
+        asked += await asyncio.wait_for(racing.stdout.read(200), 10)
+    late = user_created("u-late")
+    await ops.bury(queue, late, "rejected")  # while the question waits
+    out, _ = await asyncio.wait_for(racing.communicate(b"y\n"), 30)
+    assert f"delete 1 dead letter from {queue}.dlq" in asked.decode()
+    assert out.decode().endswith(f"purged 1 dead letter from {queue}.dlq\n")
+    assert [letter["id"] for letter in await ops.dead_letters(queue)] == [late.id]
+
 
 async def test_newer_minor_is_processed_and_newer_major_is_dead_lettered_with_reason(
     ops: Ops,

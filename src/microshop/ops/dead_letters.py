@@ -64,13 +64,20 @@ async def dead_letter_count(broker: AmqpBroker, queue: str) -> int:
         await _close(channel)
 
 
-async def purge(broker: AmqpBroker, queue: str) -> int:
-    """Delete every dead letter of ``queue``; return how many there were."""
+async def purge(broker: AmqpBroker, queue: str, at_most: int | None = None) -> int:
+    """Delete the dead letters of ``queue``: every one, or the first ``at_most`` (those a
+    person counted and agreed to; one dead-lettered since stays). Return how many."""
     channel = await broker.connection.channel()
     try:
         dlq = await _existing(channel, queue)
-        purged = await dlq.purge()
-        return int(purged.message_count or 0) if purged else 0
+        if at_most is None:
+            purged = await dlq.purge()
+            return int(purged.message_count or 0) if purged else 0
+        deleted = 0
+        while deleted < at_most and (message := await dlq.get(no_ack=False, fail=False)):
+            await message.ack()
+            deleted += 1
+        return deleted
     finally:
         await _close(channel)
 

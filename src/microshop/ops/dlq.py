@@ -90,9 +90,11 @@ async def replay_letters(settings: Settings, queue: str, *, message_id: str | No
 async def purge_letters(
     settings: Settings, queue: str, *, ask: Callable[[str], bool] | None
 ) -> int:
-    """Delete every dead letter of ``queue``, after ``ask`` says yes (None: do not ask)."""
+    """Delete every dead letter of ``queue``, after ``ask`` says yes (None: do not ask);
+    asked, only the letters counted in the question go."""
     dlq = dead_letter_queue(queue)
     async with connected(settings) as broker:
+        count = None
         if ask is not None:
             count = await dead_letter_count(broker, queue)
             if count == 0:
@@ -101,6 +103,6 @@ async def purge_letters(
             # asked in a thread: the connection keeps its heartbeats while a person thinks
             if not await asyncio.to_thread(ask, f"delete {counted(count)} from {dlq} for good?"):
                 raise OpsError("nothing was purged")
-        purged = await purge(broker, queue)
+        purged = await purge(broker, queue, at_most=count)
     print(f"purged {counted(purged)} from {dlq}")
     return 0
