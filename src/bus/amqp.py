@@ -48,6 +48,8 @@ from bus.envelope import CONTENT_TYPE, Envelope, MessageRegistry
 from bus.observability import MESSAGES_PUBLISHED, child
 
 log = structlog.get_logger("bus.amqp")
+
+OBSERVER_BACKLOG = 10_000  # messages an observer's queue keeps before dropping the oldest
 PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 
 _QUORUM = {
@@ -242,10 +244,19 @@ class AmqpBroker:
     async def subscribe(
         self, patterns: Sequence[str], handler: Handler, registry: MessageRegistry
     ) -> Consumer:
-        """Watch ``patterns`` on a server-named exclusive queue, deleted when we go."""
+        """Watch ``patterns`` on a server-named exclusive queue, deleted when we go.
+
+        An observer that falls behind (a ``tail`` piped into a pager) loses its oldest
+        messages past ``OBSERVER_BACKLOG``, rather than filling the broker's memory until
+        its alarm stops every publisher.
+        """
         channel = await self.connection.channel()
         await channel.set_qos(prefetch_count=self.prefetch)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        queue = await channel.declare_queue(
+            exclusive=True,
+            auto_delete=True,
+            arguments={"x-max-length": OBSERVER_BACKLOG, "x-overflow": "drop-head"},
+        )
         for pattern in patterns:
             await queue.bind(self.exchange_name, routing_key=pattern)
         consumer = _AmqpConsumer(self, channel, queue, handler, registry, transient=True)

@@ -9,6 +9,7 @@ from typing import ClassVar
 import pytest
 from sqlalchemy import func, insert, select
 
+import bus.amqp
 from bus.amqp import AmqpBroker
 from bus.broker import BrokerUnavailable, Delivery
 from bus.db import Database
@@ -212,3 +213,27 @@ async def test_handlers_grouped_in_transactions_that_deadlock_on_postgres_each_c
         names = sorted((await session.scalars(select(effects.c.name))).all())
     assert names == ["A", "B", "done -", "done AB", "done BA"]
     assert len(calls) > 3  # the group PostgreSQL failed ran its units again, alone
+
+
+async def test_an_observer_that_falls_behind_keeps_the_newest_messages(
+    rabbit: RabbitAdmin, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bus.amqp, "OBSERVER_BACKLOG", 3)
+    release, seen = asyncio.Event(), list[str]()
+
+    async def stuck_then_reading(delivery: Delivery) -> None:
+        await release.wait()  # a tail piped into a pager nobody scrolls
+        seen.append(delivery.message.name)  # type: ignore[attr-defined]
+
+    observer = AmqpBroker(rabbit.url, name=unique, prefetch=1)
+    await observer.connect()
+    try:
+        await observer.subscribe([ThingMade.type], stuck_then_reading, REGISTRY)
+        for n in range(10):
+            await observer.publish(Envelope.wrap(ThingMade(name=str(n)), source="/tests"))
+        release.set()
+        await eventually(lambda: len(seen) == 4)
+        await asyncio.sleep(0.3)
+    finally:
+        await observer.close()
+    assert seen == ["0", "7", "8", "9"]  # the one in hand, then the newest three
