@@ -134,7 +134,8 @@ async def refund_failed(
 
 async def user_changed(delivery: Delivery, unit: UnitOfWork) -> None:
     """Keep the replica of users current (who exists, who may order)."""
-    await replicas.save_user(unit.session, delivery.message, delivery.envelope.type)
+    envelope = delivery.envelope
+    await replicas.save_user(unit.session, delivery.message, envelope.type, envelope.time)
 
 
 async def product_changed(delivery: Delivery, unit: UnitOfWork) -> None:

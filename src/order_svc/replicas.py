@@ -4,6 +4,7 @@ filled in over HTTP (through a circuit breaker) for ones it has not heard of yet
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 from urllib.parse import quote
@@ -38,18 +39,25 @@ class KnownProduct:
     price: Decimal
 
 
-def _upsert(table: Table) -> Prepared:
+def _upsert(table: Table, *, as_of: str | None = None) -> Prepared:
     """Insert a row of ``table``, or overwrite the one with its id (SQLite compiles this
-    PostgreSQL INSERT too)."""
+    PostgreSQL INSERT too); with ``as_of``, the name of a time column, only a row as new
+    as the one kept overwrites it."""
     statement = postgresql.insert(table)
     changes = {
         column.key: statement.excluded[column.key] for column in table.c if column.key != "id"
     }
-    return Prepared(statement.on_conflict_do_update(index_elements=["id"], set_=changes))
+    newer = None if as_of is None else table.c[as_of] <= statement.excluded[as_of]
+    return Prepared(
+        statement.on_conflict_do_update(index_elements=["id"], set_=changes, where=newer)
+    )
 
 
-# built once: what every replica event and HTTP answer writes
-_SAVE_USER = _upsert(store.users)
+# built once: what every replica event and HTTP answer writes. Events about a user can
+# arrive out of order (a retried one after the next): each carries when the user service
+# made the change, and an older one changes nothing, or a deactivation handled late
+# would undo the activation after it for good.
+_SAVE_USER = _upsert(store.users, as_of="updated_at")
 _SAVE_PRODUCT = _upsert(store.products)
 _REMEMBER_USER = insert_or_skip(store.users)
 _REMEMBER_PRODUCT = insert_or_skip(store.products)
@@ -60,13 +68,15 @@ _REMEMBER_PRODUCT = insert_or_skip(store.products)
 # deactivated meanwhile, a price changed meanwhile).
 
 
-def _user_row(user_id: str, email: str | None, role: str | None, status: str) -> dict[str, Any]:
+def _user_row(
+    user_id: str, email: str | None, role: str | None, status: str, at: datetime
+) -> dict[str, Any]:
     return {
         "id": user_id,
         "email": email,
         "role": role,
         "status": status,
-        "updated_at": store.now(),
+        "updated_at": at.astimezone(UTC),
     }
 
 
@@ -74,17 +84,19 @@ def _product_row(product: KnownProduct) -> dict[str, Any]:
     return {"id": product.id, "name": product.name, "price_cents": store.cents(product.price)}
 
 
-async def save_user(session: AsyncConnection, event: Any, event_type: str) -> None:
-    """Record what a ``user.*`` event says of a user."""
+async def save_user(session: AsyncConnection, event: Any, event_type: str, at: datetime) -> None:
+    """Record what a ``user.*`` event says of a user, made ``at`` (the event's time),
+    unless the replica holds what a later event said."""
     status = "deleted" if event_type == "user.deleted" else event.status
-    row = _user_row(event.user_id, event.email, event.role, status)
+    row = _user_row(event.user_id, event.email, event.role, status, at)
     await _SAVE_USER.run(session, row)
 
 
 async def remember_user(session: AsyncConnection, user: dict[str, Any]) -> None:
     """Record a user as the user service described it over HTTP (``GET /users/{id}``),
     unless an event about the user got here first."""
-    row = _user_row(user["id"], user.get("email"), user.get("role"), user.get("status", "active"))
+    status = user.get("status", "active")
+    row = _user_row(user["id"], user.get("email"), user.get("role"), status, store.now())
     await _REMEMBER_USER.run(session, row)
 
 

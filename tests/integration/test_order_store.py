@@ -1,8 +1,9 @@
-"""The order store's writes, on PostgreSQL (one statement each) and on SQLite (several)."""
+"""The order store's writes and the users replica's, on PostgreSQL and on SQLite."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -11,8 +12,9 @@ import pytest
 from sqlalchemy import select
 
 from bus.db import Database
-from order_svc import saga, store
+from order_svc import replicas, saga, store
 from order_svc.domain import OrderStatus, SagaStep
+from user_svc.messages import UserActivated, UserDeactivated
 
 pytestmark = pytest.mark.integration
 
@@ -101,3 +103,18 @@ async def test_a_status_change_can_reprice_the_lines_of_its_order_only(db: Datab
         changed = await store.lock_order(session, "o-2")
     assert changed is not None
     assert (changed.status, changed.status_reason) == (OrderStatus.CANCELLED, "out of stock")
+
+
+async def test_an_older_user_event_handled_after_a_newer_one_changes_nothing(db: Database) -> None:
+    # the users replica's upsert, as the order service sends it
+    fields = {"user_id": "u-1", "email": "bob@example.com", "role": "user", "name": "Bob"}
+    deactivated = UserDeactivated(**fields, status="inactive")
+    activated = UserActivated(**fields, status="active")
+    then = store.now()
+    async with db.session() as session, session.begin():
+        await replicas.save_user(session, activated, UserActivated.type, then)
+        # the deactivation before it, retried and handled after it
+        await replicas.save_user(session, deactivated, UserDeactivated.type, then - timedelta(1))
+        assert await replicas.known_user(session, "u-1") == replicas.KnownUser("u-1", "active")
+        await replicas.save_user(session, deactivated, UserDeactivated.type, then + timedelta(1))
+        assert await replicas.known_user(session, "u-1") == replicas.KnownUser("u-1", "inactive")

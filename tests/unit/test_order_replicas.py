@@ -27,7 +27,7 @@ async def test_a_users_answer_read_before_an_event_does_not_undo_the_event(db: D
         user_id="u-1", email="bob@example.com", role="user", name="Bob", status="inactive"
     )
     async with db.session() as session, session.begin():
-        await replicas.save_user(session, deactivated, UserDeactivated.type)
+        await replicas.save_user(session, deactivated, UserDeactivated.type, store.now())
     async with db.session() as session, session.begin():
         await replicas.remember_user(session, answered)  # the older answer commits last
         assert await replicas.known_user(session, "u-1") == replicas.KnownUser("u-1", "inactive")
