@@ -28,6 +28,7 @@ class KnownUser:
 
     id: str
     status: str  # active, inactive or deleted
+    role: str | None = None  # admin, manager or user (None: not said)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,7 @@ _PRODUCTS = where_among(select(store.products), store.products.c.id, "ids")
 async def known_user(session: AsyncConnection, user_id: str) -> KnownUser | None:
     """The replica's copy of a user, if it has one."""
     rows = await _USER.rows(session, {"user_id": user_id})
-    return KnownUser(rows[0]["id"], rows[0]["status"]) if rows else None
+    return KnownUser(rows[0]["id"], rows[0]["status"], rows[0]["role"]) if rows else None
 
 
 async def known_products(session: AsyncConnection, ids: set[str]) -> dict[str, KnownProduct]:

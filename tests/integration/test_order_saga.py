@@ -390,6 +390,34 @@ async def test_orders_are_private_and_validated(launch: Launch) -> None:
     assert status == 202, body  # what went before opened no breaker
 
 
+async def test_a_demoted_manager_loses_staff_powers_before_their_token_expires(
+    launch: Launch,
+) -> None:
+    client = await launch()
+    order_id = await place(client, [MOUSE])
+    carol = "carol@example.com"
+    await client.wait_for_status(order_id, {"confirmed"}, as_user=carol)  # a manager sees it
+    status, me = await client.call("GET", "user", "/auth/me", as_user=carol)
+    assert status == 200, me
+
+    status, body = await client.call(
+        "PUT", "user", f"/users/{me['id']}", as_user=ALICE, json={"role": "user"}
+    )
+    assert status == 200, body
+
+    async def no_longer_seen() -> bool:  # once the order service hears of the demotion
+        status, _ = await client.call("GET", "order", f"/orders/{order_id}", as_user=carol)
+        return status == 404
+
+    await eventually(no_longer_seen)
+    status, _ = await client.call(
+        "PUT", "order", f"/orders/{order_id}/status", as_user=carol, json={"status": "processing"}
+    )
+    assert status == 403
+    status, listed = await client.call("GET", "order", "/orders", as_user=carol)
+    assert (status, listed["total"]) == (200, 0)  # her own orders only
+
+
 async def test_idempotency_key_never_creates_a_second_order(launch: Launch) -> None:
     client = await launch()
     request = {"items": [{"product_id": "mouse", "quantity": 1}], "payment": VISA}

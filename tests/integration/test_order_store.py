@@ -115,6 +115,8 @@ async def test_an_older_user_event_handled_after_a_newer_one_changes_nothing(db:
         await replicas.save_user(session, activated, UserActivated.type, then)
         # the deactivation before it, retried and handled after it
         await replicas.save_user(session, deactivated, UserDeactivated.type, then - timedelta(1))
-        assert await replicas.known_user(session, "u-1") == replicas.KnownUser("u-1", "active")
+        known = await replicas.known_user(session, "u-1")
+        assert known == replicas.KnownUser("u-1", "active", "user")
         await replicas.save_user(session, deactivated, UserDeactivated.type, then + timedelta(1))
-        assert await replicas.known_user(session, "u-1") == replicas.KnownUser("u-1", "inactive")
+        known = await replicas.known_user(session, "u-1")
+        assert known == replicas.KnownUser("u-1", "inactive", "user")

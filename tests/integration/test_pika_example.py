@@ -64,6 +64,6 @@ async def test_the_order_service_reacts_to_the_readme_example(
     async def user_replicated() -> bool:
         async with order.db.session() as session:
             user = await replicas.known_user(session, "u-42")
-        return user == replicas.KnownUser("u-42", "active")
+        return user == replicas.KnownUser("u-42", "active", "user")
 
     await eventually(user_replicated, within=15)

@@ -30,9 +30,11 @@ async def test_a_users_answer_read_before_an_event_does_not_undo_the_event(db: D
         await replicas.save_user(session, deactivated, UserDeactivated.type, store.now())
     async with db.session() as session, session.begin():
         await replicas.remember_user(session, answered)  # the older answer commits last
-        assert await replicas.known_user(session, "u-1") == replicas.KnownUser("u-1", "inactive")
+        known = await replicas.known_user(session, "u-1")
+        assert known == replicas.KnownUser("u-1", "inactive", "user")
         await replicas.remember_user(session, {**answered, "id": "u-2"})  # a gap: filled
-        assert await replicas.known_user(session, "u-2") == replicas.KnownUser("u-2", "active")
+        known = await replicas.known_user(session, "u-2")
+        assert known == replicas.KnownUser("u-2", "active", "user")
 
 
 async def test_a_price_answered_before_a_price_change_does_not_undo_the_change(
