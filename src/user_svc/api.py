@@ -71,10 +71,13 @@ async def _begin(request: web.Request) -> AsyncIterator[UnitOfWork]:
 
 
 async def _caller(session: AsyncConnection, request: web.Request) -> User:
-    user = await store.get_user(session, principal(request).user_id)
-    if user is None or user.status is not Status.ACTIVE:
+    return _active(await store.get_user(session, principal(request).user_id))
+
+
+def _active(caller: User | None) -> User:
+    if caller is None or caller.status is not Status.ACTIVE:
         raise Unauthorized("the account is deleted or deactivated")
-    return user
+    return caller
 
 
 async def _actor(session: AsyncConnection, request: web.Request) -> Actor:
@@ -93,11 +96,17 @@ def _permitted(access: Access, user: User | None, user_id: str, refusal: str = "
 async def _target(
     unit: UnitOfWork, request: web.Request, rule: Callable[[Actor, str], Access], refusal: str
 ) -> User:
-    """The addressed account, locked for the change, once ``rule`` lets the caller make it."""
-    user_id = request.match_info["user_id"]
-    actor = await _actor(unit.session, request)
-    user = await store.get_user(unit.session, user_id, for_update=True)
-    return _permitted(rule(actor, user_id), user, user_id, refusal)
+    """The addressed account, locked for the change, once ``rule`` lets the caller make it.
+
+    The caller's row is locked too: two admins demoting or deleting each other at once
+    take turns, and the second finds it is no admin any more (read unlocked, both passed,
+    and no admin was left).
+    """
+    user_id, caller_id = request.match_info["user_id"], principal(request).user_id
+    locked = await store.lock_users(unit.session, {user_id, caller_id})
+    caller = _active(locked.get(caller_id))
+    actor = Actor(caller.id, caller.role)
+    return _permitted(rule(actor, user_id), locked.get(user_id), user_id, refusal)
 
 
 @api.post("/users", body=Registration, response=UserView, status=201)

@@ -7,6 +7,7 @@ too, so that every instance throttles the same ones and a restart keeps them.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import UTC, datetime
 from typing import Any
 
@@ -108,15 +109,24 @@ async def add_user(session: AsyncConnection, user: User, password_hash: str) -> 
     )
 
 
-async def get_user(
-    session: AsyncConnection, user_id: str, *, for_update: bool = False
-) -> User | None:
-    """The user with ``user_id``; ``for_update`` locks the row until the transaction ends."""
+async def get_user(session: AsyncConnection, user_id: str) -> User | None:
+    """The user with ``user_id``."""
     query = select(*_USER_COLUMNS).where(users.c.id == user_id)
-    if for_update:
-        query = query.with_for_update()
     row = (await session.execute(query)).one_or_none()
     return _user(row) if row is not None else None
+
+
+async def lock_users(session: AsyncConnection, user_ids: Collection[str]) -> dict[str, User]:
+    """The users with these ids, by id, each row locked until the transaction ends. Rows
+    are locked in id order, so two transactions locking the same pair take turns rather
+    than deadlock."""
+    query = (
+        select(*_USER_COLUMNS)
+        .where(users.c.id.in_(sorted(set(user_ids))))
+        .order_by(users.c.id)
+        .with_for_update()
+    )
+    return {row.id: _user(row) for row in await session.execute(query)}
 
 
 async def find_credentials(session: AsyncConnection, email: str) -> tuple[User, str] | None:

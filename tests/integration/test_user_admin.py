@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
+from sqlalchemy import select
 
 import user_svc.app
 from bus.amqp import AmqpBroker
@@ -17,6 +19,7 @@ from tests.integration.test_user_support import (
     EventLog,
     UserHttp,
 )
+from user_svc import store
 from user_svc.domain import DEMO_PASSWORD
 
 pytestmark = pytest.mark.integration
@@ -260,3 +263,35 @@ async def test_an_admin_changes_another_users_email_and_user_updated_says_so(
     updated = await events.wait_for("user.updated", bob_id)
     assert (updated.data["changed"], updated.data["email"]) == (["email"], new_email)
     assert (updated.data["name"], updated.data["role"]) == ("Bob", "user")
+
+
+async def test_two_admins_demoting_each_other_at_once_leave_one_admin(
+    run_service: ServiceStarter,
+) -> None:
+    service = await run_service(user_svc.app, settings=DEMO)
+    async with UserHttp(service.settings.public_url) as users:
+        alice, alice_id = await users.sign_in("alice@example.com", DEMO_PASSWORD)
+        _, bob_id = await users.sign_in("bob@example.com", DEMO_PASSWORD)
+        await users.call("PUT", f"/users/{bob_id}", token=alice, json={"role": "admin"})
+        bob = await users.login("bob@example.com", DEMO_PASSWORD)
+
+        # a slow transaction holds both rows while both requests come in
+        async with service.db.session() as held, held.begin():
+            both = store.users.c.id.in_([alice_id, bob_id])
+            await held.execute(select(store.users.c.id).where(both).with_for_update())
+            alice_demotes_bob = asyncio.create_task(
+                users.call("PUT", f"/users/{bob_id}", token=alice, json={"role": "user"})
+            )
+            bob_demotes_alice = asyncio.create_task(
+                users.call("PUT", f"/users/{alice_id}", token=bob, json={"role": "user"})
+            )
+            await asyncio.sleep(0.5)  # each has read what it could before the lock is let go
+        answers = await asyncio.gather(alice_demotes_bob, bob_demotes_alice)
+        roles = [
+            (await users.call("GET", f"/users/{user_id}", token=token)).body.get("role")
+            for user_id, token in ((alice_id, alice), (bob_id, bob))
+        ]
+
+    # the second finds it is no admin any more: the other account is hidden from it
+    assert sorted(answer.status for answer in answers) == [200, 404]
+    assert sorted(str(role) for role in roles) == ["admin", "user"]
