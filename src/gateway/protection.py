@@ -83,11 +83,13 @@ class RateLimiter:
 
 
 def client_address(request: web.Request, trust_forwarded_for: bool) -> str:
-    """Who is calling: the peer, or the first X-Forwarded-For hop behind a trusted proxy."""
+    """Who is calling: the peer, or, behind a trusted proxy, the X-Forwarded-For hop that
+    proxy appended (the last: what comes before it, the client wrote, and could make up
+    to slip past its rate limit)."""
     if trust_forwarded_for:
         forwarded = request.headers.get("X-Forwarded-For")
         if forwarded:
-            return forwarded.partition(",")[0].strip()
+            return forwarded.rpartition(",")[2].strip()
     return request.remote or "unknown"
 
 

@@ -52,7 +52,8 @@ class Settings(bus.settings.Settings):
     # a second port serving /status and /metrics (and the dashboard's data) with no token:
     # for Prometheus and operators inside the network, never exposed outside (0: none)
     internal_port: int = Field(default=0, ge=0, le=65535)
-    trust_forwarded_for: bool = False  # only behind a proxy that sets X-Forwarded-For
+    # only behind one proxy that appends to X-Forwarded-For: its last hop is the client
+    trust_forwarded_for: bool = False
     dashboard_orders: int = Field(default=20, ge=1)
 
     @model_validator(mode="after")

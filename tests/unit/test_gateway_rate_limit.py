@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 
-from gateway.protection import RateLimiter
+from gateway.protection import RateLimiter, client_address
 
 
 class Clock:
@@ -59,3 +60,23 @@ def test_too_many_clients_make_room_by_pruning() -> None:
     clock.now += 5
     limiter.wait_time("c")
     assert len(limiter) == 1
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "trusted", "client"),
+    [
+        ("203.0.113.9", True, "203.0.113.9"),
+        # the client wrote the first hop, the trusted proxy appended the last
+        ("1.2.3.4, 203.0.113.9", True, "203.0.113.9"),
+        ("1.2.3.4, 203.0.113.9", False, "127.0.0.1"),  # no proxy to trust: the peer
+        (None, True, "127.0.0.1"),
+    ],
+)
+def test_the_client_is_the_hop_the_trusted_proxy_appended(
+    forwarded: str | None, trusted: bool, client: str
+) -> None:
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    request = make_mocked_request("GET", "/orders", headers=headers)
+    request._transport_peername = ("127.0.0.1", 50000)  # type: ignore[attr-defined]
+
+    assert client_address(request, trusted) == client
