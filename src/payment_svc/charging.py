@@ -148,12 +148,13 @@ async def charge(
 def reference_for(request: ChargeRequest, key: store.IdempotencyKey | None) -> str | None:
     """The charge's idempotency key at its provider, the same on every attempt at it.
 
-    An order is charged once, whatever carries the charge; a client's Idempotency-Key
-    once for the request it was sent with. A charge with neither is an attempt of its
-    own (None: the payment's id will do).
+    An order is charged once for its amount (another amount is another charge, which the
+    provider must not take for this one); a client's Idempotency-Key once for the request
+    it was sent with. A charge with neither is an attempt of its own (None: the payment's
+    id will do).
     """
     if request.order_id is not None:
-        return f"order:{request.order_id}"
+        return f"order:{request.order_id}:{request.amount:f}"
     if key is not None:
         return f"key:{key.user_id}:{key.key}:{key.request_hash}"
     return None

@@ -48,8 +48,9 @@ async def refund(
     )
     refund_id, transaction_id, now = new_id("ref"), new_id("txn"), datetime.now(UTC)
     # the provider's idempotency key: the same when this refund is tried again after a
-    # rollback (a lost answer), new once a refund of the payment has been recorded
-    reference = f"refund:{payment.id}:after:{payment.refunded_amount:f}"
+    # rollback (a lost answer), new once a refund of the payment has been recorded, or
+    # for another amount
+    reference = f"refund:{payment.id}:after:{payment.refunded_amount:f}:of:{plan.amount:f}"
     answer = await gateway.refund(
         payment.provider, reference=reference, amount=plan.amount, currency=payment.currency
     )
