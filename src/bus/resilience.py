@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
@@ -35,13 +36,23 @@ BREAKER_TRANSITIONS = Counter(
 )
 
 
+# SQLSTATEs of a database going away or not there yet: a connection exception (08), an
+# administrator's or crash's shutdown, a server still starting (57P01-57P03), no
+# connection left to give (53300)
+_SERVER_UNAVAILABLE = ("08", "57P01", "57P02", "57P03", "53300")
+
+
 def out_of_reach(error: BaseException) -> bool:
-    """Whether ``error`` says something the work needs could not be reached (a refused or
-    dropped connection, a pool with no connection to give): an outage, which says
-    nothing about the message being handled, and passes."""
-    if isinstance(error, ConnectionError | sqlalchemy.exc.TimeoutError):
-        return True
-    return isinstance(error, sqlalchemy.exc.DBAPIError) and error.connection_invalidated
+    """Whether ``error`` says something the work needs could not be reached (a refused,
+    dropped or timed-out connection, a name not resolved, a database restarting, a pool
+    with no connection to give): an outage, which says nothing about the message being
+    handled, and passes."""
+    if isinstance(error, ConnectionError | TimeoutError | socket.gaierror):
+        return True  # sqlalchemy's pool TimeoutError too
+    if not isinstance(error, sqlalchemy.exc.DBAPIError):
+        return isinstance(error, sqlalchemy.exc.TimeoutError)
+    code = str(getattr(error.orig, "sqlstate", ""))
+    return error.connection_invalidated or code.startswith(_SERVER_UNAVAILABLE)
 
 
 def refused_as_data(error: BaseException) -> bool:

@@ -47,7 +47,7 @@ from bus.problems import (
     Unprocessable,
     problem_response,
 )
-from bus.resilience import refused_as_data
+from bus.resilience import out_of_reach, refused_as_data
 from bus.settings import Settings
 from bus.transactions import Transactions
 
@@ -206,6 +206,8 @@ def _passing_database_trouble(exc: Exception) -> str | None:
         return "the database is busy"
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:  # the pool reconnects
         return "the database connection was lost"
+    if out_of_reach(exc):  # refused, restarting, too many connections
+        return "the database cannot be reached"
     return None
 
 

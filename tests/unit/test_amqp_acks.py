@@ -195,11 +195,13 @@ async def test_an_outage_is_retried_at_the_last_delay_but_not_for_ever() -> None
             retry_delays_ms=(10, 20),
         )
 
-    early, late, last = await after(0), await after(2), await after(2 + OUTAGE_RETRIES)
+    early, late = await after(0), await after(2)
+    final, beyond = await after(1 + OUTAGE_RETRIES), await after(2 + OUTAGE_RETRIES)
 
     assert (early.action, early.delay_ms) == ("retry", 10)
     assert (late.action, late.delay_ms) == ("retry", 20)  # past the delays: the last again
-    assert last.action == "dead_letter"
+    assert final.action == "retry"
+    assert beyond.action == "dead_letter"
 
 
 async def test_a_value_the_database_refuses_is_dead_lettered_at_once() -> None:

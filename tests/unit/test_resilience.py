@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 from collections.abc import Callable
 
 import pytest
@@ -330,28 +331,32 @@ async def test_retrying_excludes_circuit_open_even_when_asked_to_retry_it() -> N
     assert refusals == 1
 
 
-def statement_failed(*, connection_invalidated: bool) -> sqlalchemy.exc.DBAPIError:
-    cause = OSError("connection lost")
-    return sqlalchemy.exc.DBAPIError(
-        "SELECT 1", {}, cause, connection_invalidated=connection_invalidated
-    )
+class ServerSaid(Exception):
+    """What a driver raises for an error the server sent: its SQLSTATE."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"SQLSTATE {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+def statement_failed(cause: Exception, *, invalidated: bool = False) -> sqlalchemy.exc.DBAPIError:
+    return sqlalchemy.exc.DBAPIError("SELECT 1", {}, cause, connection_invalidated=invalidated)
 
 
 @pytest.mark.parametrize(
     ("error", "outage"),
     [
         (ConnectionRefusedError("refused"), True),
+        (TimeoutError("connect timed out"), True),
+        (socket.gaierror("postgres: name not known"), True),
         (sqlalchemy.exc.TimeoutError("QueuePool limit reached"), True),
-        (
-            sqlalchemy.exc.DBAPIError("SELECT 1", {}, OSError("gone"), connection_invalidated=True),
-            True,
-        ),
-        (
-            sqlalchemy.exc.DBAPIError(
-                "SELECT 1", {}, ValueError("bad"), connection_invalidated=False
-            ),
-            False,
-        ),
+        (statement_failed(OSError("gone"), invalidated=True), True),
+        (statement_failed(ServerSaid("57P03")), True),  # the database system is starting up
+        (statement_failed(ServerSaid("57P01")), True),  # terminated by the administrator
+        (statement_failed(ServerSaid("53300")), True),  # too many connections
+        (statement_failed(ServerSaid("08006")), True),  # connection failure
+        (statement_failed(ServerSaid("23505")), False),  # a unique key: the message's own
+        (statement_failed(ValueError("bad")), False),
         (FileNotFoundError("no such file"), False),
         (ValueError("a bug"), False),
     ],
@@ -360,18 +365,10 @@ def test_only_what_could_not_be_reached_is_an_outage(error: BaseException, outag
     assert out_of_reach(error) is outage
 
 
-class Refusal(Exception):
-    def __init__(self, sqlstate: str) -> None:
-        super().__init__(f"SQLSTATE {sqlstate}")
-        self.sqlstate = sqlstate
-
-
 @pytest.mark.parametrize(
     ("sqlstate", "refused"),
     [("22021", True), ("22003", True), ("23505", False), ("40P01", False)],
 )
 def test_only_a_data_exception_is_a_value_refused(sqlstate: str, refused: bool) -> None:
-    error = sqlalchemy.exc.DBAPIError("INSERT ...", {}, Refusal(sqlstate))
-
-    assert refused_as_data(error) is refused
-    assert not refused_as_data(Refusal("22021"))  # only what the database said counts
+    assert refused_as_data(statement_failed(ServerSaid(sqlstate))) is refused
+    assert not refused_as_data(ServerSaid("22021"))  # only what the database said counts

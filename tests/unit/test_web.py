@@ -103,6 +103,10 @@ def build_api() -> Api:
     async def db_refused(request: web.Request) -> web.StreamResponse:
         raise DBAPIError("INSERT INTO t", None, ValueError("secret=hunter2 violates a check"))
 
+    @api.get("/db-down")
+    async def db_down(request: web.Request) -> web.StreamResponse:
+        raise ConnectionRefusedError("connect call failed ('127.0.0.1', 5432)")
+
     @api.get("/db-busy")
     async def db_busy(request: web.Request) -> web.StreamResponse:
         raise PoolTimeout("QueuePool limit of size 10 overflow 0 reached")
@@ -236,6 +240,7 @@ async def test_unhandled_exception_is_a_500_that_hides_the_text(client: Client, 
     [
         ("/db-gone", "the database connection was lost; try again"),
         ("/db-busy", "the database is busy; try again"),  # the pool, past its timeout
+        ("/db-down", "the database cannot be reached; try again"),  # a restart, say
     ],
 )
 async def test_database_trouble_worth_retrying_is_a_503_to_try_again(
