@@ -93,11 +93,16 @@ async def save_user(session: AsyncConnection, event: Any, event_type: str, at: d
     await _SAVE_USER.run(session, row)
 
 
+# what was learnt over HTTP is as of before any event: an event made after the answer was
+# read (between the read and this write, or by a clock behind ours) still overwrites it
+_BEFORE_ANY_EVENT = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 async def remember_user(session: AsyncConnection, user: dict[str, Any]) -> None:
     """Record a user as the user service described it over HTTP (``GET /users/{id}``),
     unless an event about the user got here first."""
     status = user.get("status", "active")
-    row = _user_row(user["id"], user.get("email"), user.get("role"), status, store.now())
+    row = _user_row(user["id"], user.get("email"), user.get("role"), status, _BEFORE_ANY_EVENT)
     await _REMEMBER_USER.run(session, row)
 
 

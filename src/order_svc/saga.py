@@ -21,6 +21,7 @@ from bus.transactions import UnitOfWork
 from inventory_svc.messages import LineItem, StockCommit, StockRelease, StockReserve
 from order_svc import store
 from order_svc.domain import (
+    CANCEL_REFUNDS,
     CANCEL_RELEASES,
     COMPENSATED_ON_TIMEOUT,
     OrderStatus,
@@ -234,9 +235,9 @@ async def refund_failed(
 ) -> None:
     """No money to return (the charge never happened), or the refund was refused.
 
-    A refused refund leaves money with us that a person must settle: the order says so,
-    and takes a cancel again (the refund is asked anew). A cancelled order's stock goes
-    back either way.
+    A refused refund leaves money with us that a person must settle: the order says so.
+    A confirmed order takes a cancel again (the refund is asked anew); a cancelled one is
+    left to a person, and its stock goes back.
     """
     if not charged and order.payment_id is not None:
         # asked before the charge was seen (a timeout); the refund asked since is on its way
@@ -287,11 +288,19 @@ async def set_status(unit: UnitOfWork, order: Order, new: OrderStatus, reason: s
 async def reservation_expired(unit: UnitOfWork, order: Order, policy: Policy) -> None:
     """Inventory gave the order's stock back unasked: it was held past its time to live
     (the saga stalled, say by a long outage). An order not yet sold cannot be: it is
-    cancelled as a person would cancel it, refunded if it was paid. For any other order
-    this is a late copy of the news, or the answer to its own release."""
-    if order.status in CANCEL_RELEASES or order.saga_step is SagaStep.COMMIT:
+    cancelled as a person would cancel it, refunded if it was paid. One shipped before
+    its sale was recorded has gone out with units now back on sale: that is for a
+    person, and the commit is no longer asked for. For any other order this is a late
+    copy of the news, or the answer to its own release."""
+    sale_unrecorded = order.saga_step is SagaStep.COMMIT
+    if order.status in CANCEL_RELEASES or (sale_unrecorded and order.status in CANCEL_REFUNDS):
         log.warning("stock reservation expired; cancelling the order", order_id=order.id)
         await cancel(unit, order, "stock reservation expired", policy)
+    elif sale_unrecorded:  # shipped, or delivered
+        log.error("stock reservation expired after shipping; needs a person", order_id=order.id)
+        reason = "stock reservation expired before the sale was recorded: stock to be checked"
+        await store.end_step(unit.session, order.id, SagaStep.COMMIT)
+        await store.update_order(unit.session, order.id, status_reason=reason)
     else:
         await step_answered(unit, order, SagaStep.RELEASE)
 

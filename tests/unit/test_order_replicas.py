@@ -49,3 +49,18 @@ async def test_a_price_answered_before_a_price_change_does_not_undo_the_change(
         )
         known = await replicas.known_products(session, {"mouse"})
     assert known["mouse"].price == Decimal("89.99")
+
+
+async def test_an_event_made_before_a_users_answer_was_written_still_overwrites_it(
+    db: Database,
+) -> None:
+    answered = {"id": "u-1", "email": "bob@example.com", "role": "user", "status": "active"}
+    deactivated = UserDeactivated(
+        user_id="u-1", email="bob@example.com", role="user", name="Bob", status="inactive"
+    )
+    made = store.now()  # deactivated after the answer was read, before it was written
+    async with db.session() as session, session.begin():
+        await replicas.remember_user(session, answered)
+        await replicas.save_user(session, deactivated, UserDeactivated.type, made)
+        known = await replicas.known_user(session, "u-1")
+    assert known == replicas.KnownUser("u-1", "inactive", "user")

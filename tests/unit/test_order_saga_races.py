@@ -197,3 +197,18 @@ async def test_news_of_an_expiry_after_the_sale_changes_nothing(db: Database) ->
 
     assert await step(db, saga.reservation_expired, POLICY) == []
     assert (await order(db)).status is S.CONFIRMED
+
+
+async def test_an_expiry_after_shipping_unrecorded_stops_the_commit_and_asks_for_a_person(
+    db: Database,
+) -> None:
+    await confirmed(db)  # the commit unanswered: inventory is down
+    await step(db, saga.set_status, S.PROCESSING, None)
+    await step(db, saga.set_status, S.SHIPPED, None)
+
+    assert await step(db, saga.reservation_expired, POLICY) == []
+
+    shipped = await order(db)
+    assert (shipped.status, shipped.saga_step) == (S.SHIPPED, None)
+    assert shipped.status_reason is not None
+    assert "stock to be checked" in shipped.status_reason
