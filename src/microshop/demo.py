@@ -117,6 +117,9 @@ async def run_demo(once: bool) -> int:
     """Start everything; then play the scenarios (``once``) or serve until Ctrl-C."""
     configure_logging("demo", level=os.environ.get("MICROSHOP_LOG_LEVEL", "WARNING"), json=False)
     name = f"demo-{uuid.uuid4().hex[:6]}"
+    on_rabbitmq = not broker().startswith("memory:")
+    if on_rabbitmq:
+        print(f"on RabbitMQ as {name}: exchange {name}.events, queues {name}-*", flush=True)
     with tempfile.TemporaryDirectory(prefix="microshop-demo-") as workdir:
         services = build_services(Path(workdir), name)
         started: list[Runnable] = []
@@ -134,9 +137,12 @@ async def run_demo(once: bool) -> int:
         finally:
             for service in reversed(started):
                 await service.stop()
-            if not broker().startswith("memory:"):
+            if on_rabbitmq:
                 delays = services[-1].settings.retry_delays_ms
-                await remove_from_broker(broker(), name, delays)
+                try:
+                    await remove_from_broker(broker(), name, delays)
+                except Exception as error:  # must not hide why the demo stopped
+                    print(f"could not remove {name} from RabbitMQ: {error}", file=sys.stderr)
 
 
 async def _until_signalled() -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 
+import aio_pika
 import pytest
 
 from bus.amqp import AmqpBroker
@@ -43,3 +45,13 @@ async def test_the_demo_on_rabbitmq_keeps_off_the_shared_exchange(
     assert demo.returncode == 0, err.decode()
     assert "4/4 scenarios ended as expected" in out.decode()
     assert heard == []
+    # and what it had of its own is gone
+    name = re.search(r"on RabbitMQ as (demo-[0-9a-f]+):", out.decode())
+    assert name is not None, out.decode()
+    connection = await aio_pika.connect(rabbit.url)
+    async with connection:
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+            await (await connection.channel()).declare_exchange(f"{name[1]}.events", passive=True)
+        for queue in (f"{name[1]}-order", f"{name[1]}-order.dlq", f"{name[1]}-payment"):
+            with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):
+                await (await connection.channel()).declare_queue(queue, passive=True)

@@ -115,7 +115,10 @@ def test_a_hand_written_readme_in_schemas_is_kept_by_export_and_ignored_by_check
     assert main(["schemas", "check", str(tmp_path)]) == 0
 
 
-def test_the_demo_plays_its_scenarios_in_process_and_exits_0() -> None:
+def test_the_demo_plays_its_scenarios_in_process_and_exits_0(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("MICROSHOP_BROKER_URL", raising=False)  # in process, whatever is set
     result = run_cli("demo", "--once")
 
     assert result.returncode == 0, result.stderr
