@@ -40,6 +40,7 @@ from bus.broker import (
     Handler,
     Unroutable,
     being_cancelled,
+    counted,
     dead_letter_from,
     process,
     publish_span,
@@ -366,13 +367,18 @@ class _AmqpConsumer:
             elif outcome.action == "dead_letter":
                 target = dead_letter_queue(queue)
                 await self._broker.send_to_queue(target, message, headers=outcome.headers)
-        except Exception as error:
-            # Not passed on (a retry or dead-letter queue the broker would not take): hand
-            # it back, so the broker delivers it again now rather than when the channel
-            # closes; after a pause, or it would come straight back to the same failure.
-            # The inbox makes a second run of work that was done a no-op.
-            log.warning("could not settle message; handing it back", error=str(error))
-            await asyncio.sleep(self.HAND_BACK_AFTER)
+        except (Exception, asyncio.CancelledError) as error:
+            if isinstance(error, asyncio.CancelledError) and being_cancelled():
+                raise  # stopping: unacked, it comes back when the channel closes
+            # Not passed on (a retry or dead-letter queue the broker would not take, a
+            # CancelledError from something awaited): hand it back, so the broker delivers
+            # it again now rather than when the channel closes. After a pause that grows
+            # with each time it came back, or it would come straight back to the same
+            # failure and spend the queue's delivery limit in seconds. The inbox makes a
+            # second run of work that was done a no-op.
+            log.warning("could not settle message; handing it back", error=repr(error))
+            returned = counted(message.headers or {}, "x-delivery-count")
+            await asyncio.sleep(min(self.HAND_BACK_AFTER * 2**returned, 30.0))
             await self._acks.handed_back(message)
             return
         self._acks.settled(message)

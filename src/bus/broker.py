@@ -201,7 +201,7 @@ async def process(
     dead-letters: what it cannot handle is logged and dropped. Cancellation propagates:
     the message is left unacked, so the broker delivers it again.
     """
-    attempt = _attempts_before(headers) + 1
+    attempt = counted(headers, ATTEMPT_HEADER) + 1
     # a retried message comes back through the default exchange: keep its first routing key
     routing_key = str(headers.get(ROUTING_KEY_HEADER) or routing_key)
     try:
@@ -261,11 +261,11 @@ async def process(
     return Outcome("ack")
 
 
-def _attempts_before(headers: Mapping[str, Any]) -> int:
-    """The attempts a retried message had; a header some other client set badly counts 0
-    (the retry this kit sends writes it anew)."""
+def counted(headers: Mapping[str, Any], name: str) -> int:
+    """A header that counts something (attempts, deliveries); one missing, or that some
+    other client wrote badly, counts 0 (the kit writes its own anew)."""
     try:
-        return max(0, int(headers.get(ATTEMPT_HEADER, 0)))
+        return max(0, int(headers.get(name, 0)))
     except (TypeError, ValueError):
         return 0
 
@@ -297,7 +297,7 @@ def dead_letter_from(
         message_id=message_id,
         reason=str(headers.get(REASON_HEADER, "dead-lettered by the broker (delivery limit)")),
         cause=str(headers.get(CAUSE_HEADER, "broker")),
-        attempts=_attempts_before(headers),
+        attempts=counted(headers, ATTEMPT_HEADER),
         failed_at=str(headers[FAILED_AT_HEADER]) if FAILED_AT_HEADER in headers else None,
         body=body,
     )

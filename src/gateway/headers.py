@@ -38,7 +38,7 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
             headers.popall(token, None)  # headers the client marked hop-by-hop
     _stripped(headers, _NOT_FORWARDED)
     remote = request.remote or "unknown"
-    prior = headers.get("X-Forwarded-For")
+    prior = ", ".join(headers.getall("X-Forwarded-For", []))  # every line, as one
     headers["X-Forwarded-For"] = f"{prior}, {remote}" if prior else remote
     headers["X-Forwarded-Proto"] = request.scheme
     headers["X-Forwarded-Host"] = request.host

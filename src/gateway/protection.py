@@ -87,7 +87,8 @@ def client_address(request: web.Request, trust_forwarded_for: bool) -> str:
     proxy appended (the last: what comes before it, the client wrote, and could make up
     to slip past its rate limit)."""
     if trust_forwarded_for:
-        forwarded = request.headers.get("X-Forwarded-For")
+        # every line of the header: a proxy may add a line of its own after the client's
+        forwarded = ",".join(request.headers.getall("X-Forwarded-For", []))
         if forwarded:
             return forwarded.rpartition(",")[2].strip()
     return request.remote or "unknown"

@@ -7,9 +7,11 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import pytest
 import sqlalchemy.exc
 from aio_pika.exceptions import ChannelInvalidStateError
 
+import bus.amqp
 from bus.amqp import _Acks, _AmqpConsumer
 from bus.broker import (
     ATTEMPT_HEADER,
@@ -224,3 +226,39 @@ async def test_a_value_the_database_refuses_is_dead_lettered_at_once() -> None:
 
     assert outcome.action == "dead_letter"
     assert outcome.headers[CAUSE_HEADER] == "invalid"
+
+
+async def test_a_cancelled_error_the_handler_was_handed_is_handed_back_too() -> None:
+    async def awaited_something_cancelled(delivery: Delivery) -> None:
+        raise asyncio.CancelledError  # a future it awaited was cancelled, not this task
+
+    channel = Channel()
+    body = Envelope.wrap(ThingMade(name="x"), source="/tests").to_json()
+    message = Message(channel, 1, body)
+
+    await consumer(RetryQueueDown(), awaited_something_cancelled)._on_message(message)  # type: ignore[arg-type]
+
+    assert (channel.nacks, channel.acks) == ([1], [])
+
+
+async def test_a_message_handed_back_before_waits_longer_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def failing(delivery: Delivery) -> None:
+        raise RuntimeError("the database went away")
+
+    pauses: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        pauses.append(seconds)
+
+    made = consumer(RetryQueueDown(), failing)
+    made.HAND_BACK_AFTER = 1.0
+    body = Envelope.wrap(ThingMade(name="x"), source="/tests").to_json()
+    monkeypatch.setattr(bus.amqp.asyncio, "sleep", sleep)
+    for returned in (0, 3, 9):
+        message = Message(Channel(), 1, body, headers={"x-delivery-count": returned})
+        await made._on_message(message)  # type: ignore[arg-type]
+    monkeypatch.undo()
+
+    assert pauses == [1.0, 8.0, 30.0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 from aiohttp.test_utils import make_mocked_request
+from multidict import CIMultiDict
 
 from gateway.protection import RateLimiter, client_address
 
@@ -75,8 +76,15 @@ def test_too_many_clients_make_room_by_pruning() -> None:
 def test_the_client_is_the_hop_the_trusted_proxy_appended(
     forwarded: str | None, trusted: bool, client: str
 ) -> None:
-    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    headers = CIMultiDict({"X-Forwarded-For": forwarded} if forwarded else {})
     request = make_mocked_request("GET", "/orders", headers=headers)
     request._transport_peername = ("127.0.0.1", 50000)  # type: ignore[attr-defined]
 
     assert client_address(request, trusted) == client
+
+
+def test_a_line_of_its_own_a_proxy_added_is_the_one_read() -> None:
+    headers = CIMultiDict([("X-Forwarded-For", "1.2.3.4"), ("X-Forwarded-For", "203.0.113.9")])
+    request = make_mocked_request("GET", "/orders", headers=headers)
+
+    assert client_address(request, True) == "203.0.113.9"
