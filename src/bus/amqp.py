@@ -38,6 +38,7 @@ from bus.broker import (
     Consumer,
     DeadLetter,
     Handler,
+    Nacked,
     Unroutable,
     being_cancelled,
     counted,
@@ -179,7 +180,7 @@ class AmqpBroker:
         except aiormq.exceptions.DeliveryError as error:
             if isinstance(error.frame, Basic.Return):
                 raise Unroutable(f"no queue is bound to routing key {routing_key!r}") from None
-            raise BrokerUnavailable(f"the broker refused {routing_key!r} (nack)") from None
+            raise Nacked(f"the broker refused {routing_key!r} (nack)") from None
         except (TimeoutError, OSError, aiormq.exceptions.AMQPError, RuntimeError) as error:
             raise BrokerUnavailable(f"publish of {routing_key!r} not confirmed: {error}") from error
         except asyncio.CancelledError as error:

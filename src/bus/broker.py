@@ -69,6 +69,10 @@ class BrokerUnavailable(Exception):
     """The broker could not be reached or did not confirm a publish in time."""
 
 
+class Nacked(BrokerUnavailable):
+    """The broker refused the message (a nack): it holds nothing of it."""
+
+
 M = TypeVar("M", bound=Message)
 
 
@@ -171,7 +175,8 @@ class Broker(Protocol):
 
         For observers that need every message rather than a share of them (a gateway's
         service registry, a dashboard, ``microshop tail``): no retries and no dead
-        letters; a message its handler fails on is logged and dropped.
+        letters; a message its handler fails on is logged and dropped. One that falls
+        far behind loses its oldest messages (on RabbitMQ, past ``OBSERVER_BACKLOG``).
         """
         ...
 

@@ -21,7 +21,7 @@ class LineItem(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    product_id: str
+    product_id: ProductId
     quantity: int = Field(ge=1)
 
 

@@ -88,7 +88,8 @@ def _add_event_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
     publish.add_argument(
         "--id",
         metavar="ID",
-        help="its message id (default: a new one): an unconfirmed publish, sent again",
+        help="its message id (default: a new one): an unconfirmed publish, sent again "
+        "with the same data (the services drop a second message of one id, whatever it says)",
     )
 
     tail = commands.add_parser("tail", help="show messages as they flow, until Ctrl-C")
@@ -113,9 +114,11 @@ def _add_dlq_parsers(commands: argparse._SubParsersAction[_Parser]) -> None:
     which.add_argument("--id", metavar="ID", help="the one with this message id")
     which.add_argument("--all", action="store_true", help="every one")
 
-    purge = actions.add_parser("purge", help="delete every dead letter of a service")
+    purge = actions.add_parser(
+        "purge", help="delete a service's dead letters: those counted in the question"
+    )
     purge.add_argument("service", metavar="SERVICE", help=service)
-    purge.add_argument("--yes", action="store_true", help="do not ask first")
+    purge.add_argument("--yes", action="store_true", help="do not ask first: delete every one")
 
 
 def _port(value: str) -> int:

@@ -144,6 +144,10 @@ class Refused(Exception):
     it turns away neither counts against its breaker nor is asked again."""
 
 
+# answers that say no to this request (a 408 or 429 says "not now", like a 5xx)
+_REFUSALS = frozenset({400, 401, 403, 410, 422})
+
+
 def _failing(error: BaseException) -> bool:
     return not isinstance(error, Refused)
 
@@ -179,12 +183,14 @@ class Directory:
     async def _get(
         self, breaker: CircuitBreaker, url: str, headers: dict[str, str]
     ) -> dict[str, Any] | None:
+        service = breaker.name.partition("->")[2]  # no internal address in what clients see
+
         async def fetch() -> dict[str, Any] | None:
             async with self.session.get(url, headers=headers) as response:
                 if response.status == 404:
                     return None
-                if 400 <= response.status < 500:
-                    raise Refused(f"{url} answered {response.status}")
+                if response.status in _REFUSALS:
+                    raise Refused(f"{service} answered {response.status}")
                 response.raise_for_status()
                 body: dict[str, Any] = await response.json()
                 return body

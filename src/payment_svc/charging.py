@@ -17,6 +17,7 @@ and the retried command or request gets the first answer back instead of a secon
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -155,8 +156,9 @@ def reference_for(request: ChargeRequest, key: store.IdempotencyKey | None) -> s
     """
     if request.order_id is not None:
         return f"order:{request.order_id}:{request.amount:f}"
-    if key is not None:
-        return f"key:{key.user_id}:{key.key}:{key.request_hash}"
+    if key is not None:  # hashed: a provider takes keys of a bounded length (Stripe: 255)
+        keyed = f"{key.user_id}:{key.key}:{key.request_hash}".encode()
+        return f"key:{hashlib.sha256(keyed).hexdigest()}"
     return None
 
 

@@ -46,7 +46,8 @@ class ProviderAnswer:
 
 
 class PaymentProvider(Protocol):
-    """One payment provider; ``reference`` is our id for the call (its idempotency key)."""
+    """One payment provider. ``reference`` is the call's idempotency key: the same on every
+    attempt at one charge or refund, so a provider asked again answers what it did."""
 
     def accepts(self, method: str) -> bool:
         """True when ``method`` is a payment method this provider can charge."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bus.broker import ATTEMPT_HEADER, BrokerUnavailable, dead_letter_from
+from bus.broker import ATTEMPT_HEADER, BrokerUnavailable, Nacked, dead_letter_from
 from bus.envelope import Envelope
 from bus.schemas import example_data
 from bus.settings import Settings
@@ -202,21 +202,29 @@ def test_a_tailed_line_names_time_type_order_user_and_flow() -> None:
     assert line.endswith("service.heartbeat       correlation=flow-1")
 
 
-async def test_an_unconfirmed_publish_names_its_id_to_send_again(
-    monkeypatch: pytest.MonkeyPatch,
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        # no confirm: the broker may hold it yet, so it is sent again under its own id
+        (BrokerUnavailable("not confirmed: timed out"), "may have been published.*--id {id}"),
+        (Nacked("the broker refused 'user.created' (nack)"), "^nothing was published: "),
+    ],
+)
+async def test_a_publish_the_broker_did_not_confirm_says_what_to_do(
+    monkeypatch: pytest.MonkeyPatch, failure: BrokerUnavailable, said: str
 ) -> None:
-    class ConfirmLate:
+    class Failing:
         async def publish(self, envelope: Envelope) -> None:
-            raise BrokerUnavailable("publish of 'user.created' not confirmed: timed out")
+            raise failure
 
     @contextlib.asynccontextmanager
-    async def connected(settings: Settings) -> AsyncIterator[ConfirmLate]:
-        yield ConfirmLate()
+    async def connected(settings: Settings) -> AsyncIterator[Failing]:
+        yield Failing()
 
     monkeypatch.setattr(events, "connected", connected)
     envelope = envelope_for("user.created", example_data(UserCreated))
 
-    with pytest.raises(OpsError, match=f"may have been published.*--id {envelope.id}"):
+    with pytest.raises(OpsError, match=said.format(id=envelope.id)):
         await events.publish(Settings(), envelope)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from bus.broker import BrokerUnavailable, Delivery, Unroutable
+from bus.broker import BrokerUnavailable, Delivery, Nacked, Unroutable
 from bus.envelope import Envelope, InvalidMessage, MessageRegistry
 from bus.settings import Settings
 from microshop.catalogue import REGISTRY
@@ -101,6 +101,8 @@ async def publish(settings: Settings, envelope: Envelope) -> None:
                 f"nothing was published: no queue on {settings.exchange} is bound to "
                 f"{envelope.type!r} (is the service that consumes it running?)"
             ) from None
+        except Nacked as error:
+            raise OpsError(f"nothing was published: {error}") from None
         except BrokerUnavailable as error:
             # the broker may hold it yet (a confirm late past a memory alarm): a new id
             # would make a second message the inbox cannot tell from the first
