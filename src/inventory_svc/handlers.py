@@ -220,8 +220,9 @@ async def _release(
 async def expire_reservations(transactions: Transactions, ttl: float, batch: int = 100) -> int:
     """Release reservations held longer than ``ttl`` seconds; return how many.
 
-    Each in its own transaction, so one order's locks are held briefly and a failure
-    leaves the others done.
+    Each in its own transaction, so one order's locks are held briefly, and one that
+    fails (logged) neither undoes the others nor keeps the ones behind it held: being
+    the oldest, it would come first in every round.
     """
     now = store.utc_now()
     cutoff = now - timedelta(seconds=ttl)
@@ -229,15 +230,20 @@ async def expire_reservations(transactions: Transactions, ttl: float, batch: int
         due = await store.due_for_expiry(session, cutoff, batch)
     expired = 0
     for order_id in due:
-        async with transactions.begin() as unit:
-            reservation = await store.lock_if_due(unit.session, order_id, cutoff)
-            if reservation is None:  # committed or released meanwhile, or another sweep has it
-                continue
-            released = await _release(
-                unit.session, reservation, ReservationStatus.EXPIRED, domain.EXPIRY_REASON, now
-            )
-            unit.publish(released, correlation_id=reservation.correlation_id)
+        try:
+            async with transactions.begin() as unit:
+                reservation = await store.lock_if_due(unit.session, order_id, cutoff)
+                if reservation is None:  # committed or released meanwhile, or swept already
+                    continue
+                released = await _release(
+                    unit.session, reservation, ReservationStatus.EXPIRED, domain.EXPIRY_REASON, now
+                )
+                unit.publish(released, correlation_id=reservation.correlation_id)
             expired += 1
+        except Exception:
+            log.exception(
+                "expiring a reservation failed; the next round tries it again", order_id=order_id
+            )
     return expired
 
 

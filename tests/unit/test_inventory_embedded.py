@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import pytest
 
 from bus.broker import Delivery
 from bus.envelope import Envelope, Message, MessageRegistry
 from bus.memory import MemoryBroker
-from inventory_svc import app
+from inventory_svc import app, handlers
 from inventory_svc.messages import (
     EVENTS,
     LineItem,
@@ -73,3 +76,40 @@ async def test_reserve_commit_and_expiry_work_on_sqlite_with_the_demo_catalogue(
     assert answers("never-seen") == ["stock.released"]
     assert (laptop["stock"], laptop["reserved"], laptop["available"]) == (3, 0, 3)
     assert len([e for e in heard if e.type == "product.created"]) == 5
+
+
+async def test_a_reservation_that_fails_to_expire_keeps_none_behind_it_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = MemoryBroker()
+    settings = app.Settings(
+        port=free_port(),
+        database_url=f"sqlite+aiosqlite:///{tmp_path}/inventory.db",
+        demo_data=True,
+        reservation_ttl=3600,  # the test sweeps by itself
+        heartbeat_seconds=60,
+    )
+    service = app.build(settings, verifier=Tokens().verifier, broker=broker)
+    await broker.connect()
+    await service.start()
+    try:
+        one_mouse = [LineItem(product_id="mouse", quantity=1)]
+        for order_id in ("stuck", "next"):
+            reserve = StockReserve(order_id=order_id, items=one_mouse)
+            await broker.publish(Envelope.wrap(reserve, source="/tests"))
+        await eventually(lambda: broker.queue_depth(service.name) == 0)
+        await asyncio.sleep(0.2)  # handled and committed
+        release = handlers._release
+
+        async def failing_for_stuck(session: Any, reservation: Any, *args: Any) -> Any:
+            if reservation.order_id == "stuck":
+                raise RuntimeError("a row the database will not take")
+            return await release(session, reservation, *args)
+
+        monkeypatch.setattr(handlers, "_release", failing_for_stuck)
+        expired = await handlers.expire_reservations(service.transactions, ttl=0)
+    finally:
+        await service.stop()
+        await broker.close()
+
+    assert expired == 1  # "next", though "stuck" came first
