@@ -44,7 +44,7 @@ class Settings(BaseSettings):
 def build(settings: Settings, **overrides: Any) -> Service:
     """Assemble the order service; nothing connects until ``start()``."""
     policy = Policy(settings.saga_step_timeout, settings.saga_step_attempts)
-    db = Database.from_settings(settings, metadata=[store.metadata])
+    db = Database.from_settings(settings, metadata=[store.metadata], upgrades=[store.date_products])
     service = Service(
         settings,
         db=db,

@@ -144,7 +144,7 @@ async def product_changed(delivery: Delivery, unit: UnitOfWork) -> None:
     if not isinstance(event, ProductCreated | ProductUpdated):
         raise Reject(f"not a product event: {delivery.envelope.type}")
     product = replicas.KnownProduct(event.product_id, event.name, event.price)
-    await replicas.save_product(unit.session, product)
+    await replicas.save_product(unit.session, product, delivery.envelope.time)
 
 
 SAGA_REPLIES: dict[type[Message], SagaStepHandler] = {

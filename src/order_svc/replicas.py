@@ -54,12 +54,12 @@ def _upsert(table: Table, *, as_of: str | None = None) -> Prepared:
     )
 
 
-# built once: what every replica event and HTTP answer writes. Events about a user can
-# arrive out of order (a retried one after the next): each carries when the user service
-# made the change, and an older one changes nothing, or a deactivation handled late
-# would undo the activation after it for good.
+# built once: what every replica event and HTTP answer writes. Events about a user or a
+# product can arrive out of order (a retried one after the next): each carries when its
+# service made the change, and an older one changes nothing, or a deactivation handled
+# late would undo the activation after it for good (an old price, the new one).
 _SAVE_USER = _upsert(store.users, as_of="updated_at")
-_SAVE_PRODUCT = _upsert(store.products)
+_SAVE_PRODUCT = _upsert(store.products, as_of="updated_at")
 _REMEMBER_USER = insert_or_skip(store.users)
 _REMEMBER_PRODUCT = insert_or_skip(store.products)
 
@@ -81,8 +81,13 @@ def _user_row(
     }
 
 
-def _product_row(product: KnownProduct) -> dict[str, Any]:
-    return {"id": product.id, "name": product.name, "price_cents": store.cents(product.price)}
+def _product_row(product: KnownProduct, at: datetime) -> dict[str, Any]:
+    return {
+        "id": product.id,
+        "name": product.name,
+        "price_cents": store.cents(product.price),
+        "updated_at": at.astimezone(UTC),
+    }
 
 
 async def save_user(session: AsyncConnection, event: Any, event_type: str, at: datetime) -> None:
@@ -106,14 +111,15 @@ async def remember_user(session: AsyncConnection, user: dict[str, Any]) -> None:
     await _REMEMBER_USER.run(session, row)
 
 
-async def save_product(session: AsyncConnection, product: KnownProduct) -> None:
-    """Record a product's name and price from one of its events."""
-    await _SAVE_PRODUCT.run(session, _product_row(product))
+async def save_product(session: AsyncConnection, product: KnownProduct, at: datetime) -> None:
+    """Record a product's name and price from one of its events, made ``at``, unless the
+    replica holds what a later event said."""
+    await _SAVE_PRODUCT.run(session, _product_row(product, at))
 
 
 async def remember_product(session: AsyncConnection, product: KnownProduct) -> None:
     """Record a product as inventory answered over HTTP, unless an event got here first."""
-    await _REMEMBER_PRODUCT.run(session, _product_row(product))
+    await _REMEMBER_PRODUCT.run(session, _product_row(product, _BEFORE_ANY_EVENT))
 
 
 # built once: two lookups of every order placed

@@ -24,6 +24,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -89,12 +90,36 @@ users = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+
+async def date_products(connection: AsyncConnection, schema: str | None) -> None:
+    """A products table from before events were ordered by their time gets the column,
+    every row as of before any event (the next event about it has the last word)."""
+    if schema is None:  # SQLite
+        columns = await connection.execute(text("PRAGMA table_info(products)"))
+        if "updated_at" not in {row[1] for row in columns}:
+            await connection.execute(_DATE_SQLITE_PRODUCTS)
+        return
+    await connection.execute(
+        text(
+            f'ALTER TABLE "{schema}".products ADD COLUMN IF NOT EXISTS updated_at'
+            " timestamptz NOT NULL DEFAULT '1970-01-01 00:00:00+00'"
+        )
+    )
+
+
+_DATE_SQLITE_PRODUCTS = text(
+    "ALTER TABLE products ADD COLUMN updated_at DATETIME NOT NULL DEFAULT '1970-01-01 00:00:00'"
+)
+
+
 products = Table(
     "products",
     metadata,
     Column("id", String(64), primary_key=True),
     Column("name", String(200), nullable=False),
     Column("price_cents", BigInteger, nullable=False),
+    # when inventory made what the row says (its event's time): an older event changes nothing
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 IDEMPOTENCY_KEY_LENGTH = 200  # characters of a client's Idempotency-Key, at most

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from bus.db import Database
 from order_svc import replicas, saga, store
@@ -120,3 +120,42 @@ async def test_an_older_user_event_handled_after_a_newer_one_changes_nothing(db:
         await replicas.save_user(session, deactivated, UserDeactivated.type, then + timedelta(1))
         known = await replicas.known_user(session, "u-1")
         assert known == replicas.KnownUser("u-1", "inactive", "user")
+
+
+async def test_an_older_price_handled_after_a_newer_one_changes_nothing(db: Database) -> None:
+    def mouse(price: str) -> replicas.KnownProduct:
+        return replicas.KnownProduct("mouse", "Mouse", Decimal(price))
+
+    then = store.now()
+    async with db.session() as session, session.begin():
+        await replicas.save_product(session, mouse("120.00"), then)
+        await replicas.save_product(session, mouse("80.00"), then - timedelta(1))  # retried
+        await replicas.remember_product(session, mouse("70.00"))  # an HTTP answer: a gap only
+        assert (await replicas.known_products(session, {"mouse"}))["mouse"].price == 120
+        await replicas.save_product(session, mouse("90.00"), then + timedelta(1))
+        assert (await replicas.known_products(session, {"mouse"}))["mouse"].price == 90
+
+
+async def test_a_products_table_from_before_gets_its_time_column(db: Database) -> None:
+    table = f'"{db.schema}".products' if db.schema else "products"
+    async with db.engine.begin() as connection:  # as an earlier version made it
+        await connection.execute(text(f"DROP TABLE {table}"))
+        await connection.execute(
+            text(
+                f"CREATE TABLE {table} (id VARCHAR(64) PRIMARY KEY,"
+                " name VARCHAR(200) NOT NULL, price_cents BIGINT NOT NULL)"
+            )
+        )
+        await connection.execute(text(f"INSERT INTO {table} VALUES ('mouse', 'Mouse', 2999)"))
+    upgrades = [store.date_products]
+    again = Database(db.url, schema=db.schema, metadata=[store.metadata], upgrades=upgrades)
+    try:
+        await again.create_all()
+        await again.create_all()  # twice: the second changes nothing
+        newer = replicas.KnownProduct("mouse", "Mouse", Decimal("39.99"))
+        async with again.session() as session, session.begin():
+            await replicas.save_product(session, newer, store.now())  # newer than any before
+            known = await replicas.known_products(session, {"mouse"})
+    finally:
+        await again.close()
+    assert known["mouse"].price == Decimal("39.99")

@@ -42,7 +42,7 @@ async def test_a_price_answered_before_a_price_change_does_not_undo_the_change(
 ) -> None:
     async with db.session() as session, session.begin():
         await replicas.save_product(
-            session, replicas.KnownProduct("mouse", "Mouse", Decimal("89.99"))
+            session, replicas.KnownProduct("mouse", "Mouse", Decimal("89.99")), store.now()
         )
         await replicas.remember_product(
             session, replicas.KnownProduct("mouse", "Mouse", Decimal("79.99"))
