@@ -8,6 +8,7 @@ refused call fails fast instead of being retried.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import socket
 import time
@@ -190,6 +191,15 @@ class CircuitBreaker:
 
     def _retry_after(self) -> float:
         return max(0.0, self._opened_at + self.reset_timeout - self._clock())
+
+    def forget_metrics(self) -> None:
+        """Drop this breaker's series (state and transitions): a breaker named after an
+        instance that is gone would otherwise be exported for as long as the process runs."""
+        with contextlib.suppress(KeyError):
+            BREAKER_STATE.remove(self.name)
+        for state in BreakerState:
+            with contextlib.suppress(KeyError):
+                BREAKER_TRANSITIONS.remove(self.name, state.value)
 
     def _transition(self, to: BreakerState) -> None:
         self._state = to

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import structlog
 from aiohttp import web
 
@@ -131,9 +132,13 @@ class Gateway:
         return app
 
     async def _client_session(self, _: web.Application) -> AsyncIterator[None]:
-        session = await self.proxy.open()
-        self.checks.session = self.documents.session = session
-        yield
+        self.documents.session = await self.proxy.open()
+        # the checks have connections of their own: queued behind a busy instance's
+        # requests, a check would time out and take a healthy instance out of rotation
+        connector = aiohttp.TCPConnector(limit_per_host=2)
+        async with aiohttp.ClientSession(connector=connector) as checks:
+            self.checks.session = checks
+            yield
         await self.proxy.close()
 
     def about(self) -> dict[str, Any]:

@@ -45,6 +45,9 @@ BUFFER_LIMIT = 256 * 1024
 CHUNK = 64 * 1024
 
 
+CONNECTIONS_PER_INSTANCE = 256  # requests in flight to one instance; more wait their turn
+
+
 class BodyTooLarge(HttpProblem):
     """The request body is over the limit (413)."""
 
@@ -77,14 +80,19 @@ class Proxy:
         self.retries = retries
         self.max_body = max_body
         self.gzip_min_bytes = gzip_min_bytes
+        # sock_connect, not connect: aiohttp's connect timeout also runs while a request
+        # waits for a free connection, and a busy instance would read as a refused one
+        # (taken out of rotation); the wait is bounded by the request's deadline instead
         self.client_timeout = aiohttp.ClientTimeout(
-            total=None, connect=connect_timeout, sock_read=timeout
+            total=None, connect=None, sock_connect=connect_timeout, sock_read=timeout
         )
         self.session: aiohttp.ClientSession | None = None
 
     async def open(self) -> aiohttp.ClientSession:
         """Create the one pooled client session (on the running loop)."""
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
+        connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=CONNECTIONS_PER_INSTANCE, keepalive_timeout=30
+        )
         self.session = aiohttp.ClientSession(
             connector=connector,
             timeout=self.client_timeout,

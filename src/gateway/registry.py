@@ -16,7 +16,7 @@ from typing import Any, Literal
 import structlog
 
 from bus.messages import ServiceHeartbeat, ServiceStopped
-from bus.resilience import BREAKER_STATE, BreakerState, CircuitBreaker
+from bus.resilience import BreakerState, CircuitBreaker
 
 log = structlog.get_logger(__name__)
 
@@ -180,6 +180,6 @@ class Registry:
             return
         del instances[instance.url]
         self._rotation[instance.service] = tuple(instances.values())
-        # instance addresses come and go: keep the breaker gauge from growing without end
-        BREAKER_STATE.remove(instance.breaker.name)
+        # instance addresses come and go: keep the breaker's series from growing without end
+        instance.breaker.forget_metrics()
         log.info("instance removed", service=instance.service, url=instance.url, why=why)

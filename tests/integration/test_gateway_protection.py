@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+import gateway.proxy
 from gateway.app import Gateway
 from tests.conftest import RabbitAdmin
 from tests.integration.service_http import Answer
@@ -57,6 +58,7 @@ class Upstream:
         app.router.add_route("*", "/orders/echo", self.echo)
         app.router.add_get("/orders/big", self.big)
         app.router.add_get("/orders/slow", self.slow)
+        app.router.add_get("/orders/unhurried", self.unhurried)
         app.router.add_get("/orders/stream", self.stream)
         app.router.add_get("/orders/busy", self.busy)
         app.router.add_get("/orders/broken", self.broken)
@@ -84,6 +86,10 @@ class Upstream:
     async def slow(self, _: web.Request) -> web.Response:
         await asyncio.sleep(5)
         return web.json_response({"late": True})
+
+    async def unhurried(self, _: web.Request) -> web.Response:
+        await asyncio.sleep(0.5)
+        return web.json_response({"done": True})
 
     async def busy(self, _: web.Request) -> web.Response:
         return web.json_response({"busy": True}, status=503, headers={"Retry-After": "1"})
@@ -283,6 +289,21 @@ async def test_a_slow_service_is_cut_at_the_timeout_with_504(
     assert answer.status == 504
     assert answer.headers["Content-Type"] == "application/problem+json"
     assert 0.5 <= waited < 1.5
+
+
+async def test_requests_waiting_for_a_busy_instance_do_not_take_it_out_of_rotation(
+    upstream: Upstream, gateways: Gateways, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway.proxy, "CONNECTIONS_PER_INSTANCE", 2)  # busy at 2 in flight
+    started = await gateway_before(upstream, gateways, connect_timeout_seconds=0.2)
+    async with Caller(started.settings.public_url) as caller:
+        # 6 at once: 4 wait their turn for a connection, far past the connect timeout
+        answers = await asyncio.gather(
+            *(caller.call("GET", "/orders/unhurried", token=TOKEN) for _ in range(6))
+        )
+        after = await caller.call("GET", "/orders/echo", token=TOKEN)
+    assert [answer.status for answer in answers] == [200] * 6
+    assert after.status == 200  # still in rotation
 
 
 async def test_answers_are_streamed_not_buffered(upstream: Upstream, gateways: Gateways) -> None:

@@ -372,3 +372,22 @@ def test_only_what_could_not_be_reached_is_an_outage(error: BaseException, outag
 def test_only_a_data_exception_is_a_value_refused(sqlstate: str, refused: bool) -> None:
     assert refused_as_data(statement_failed(ServerSaid(sqlstate))) is refused
     assert not refused_as_data(ServerSaid("22021"))  # only what the database said counts
+
+
+async def test_a_breaker_forgotten_leaves_no_series_behind() -> None:
+    breaker = CircuitBreaker("gateway order http://10.0.0.7:3012", failure_threshold=1)
+
+    async def failing() -> None:
+        raise ConnectionRefusedError
+
+    with pytest.raises(ConnectionRefusedError):
+        await breaker.call(failing)  # opened: a transition counted
+    breaker.forget_metrics()
+
+    names = {
+        sample.labels.get("breaker")
+        for metric in REGISTRY.collect()
+        if metric.name.startswith("microshop_circuit_breaker")
+        for sample in metric.samples
+    }
+    assert breaker.name not in names
