@@ -8,6 +8,7 @@ same way: ``build`` connects nothing; ``start`` subscribes to the bus, serves an
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
@@ -47,6 +48,9 @@ log = structlog.get_logger(__name__)
 WATCHED_EVENTS = sorted(
     model.type for model in CATALOGUE if model.kind == "event" and model.type not in BUS_MESSAGES
 )
+
+
+_LOOK_EVERY = 0.05  # seconds between looks at what discovery has heard, at start
 
 
 class Gateway:
@@ -181,9 +185,23 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(_logged(self.checks.run()), name="gateway health checks"),
             asyncio.create_task(_logged(self._prune_buckets()), name="gateway rate limits"),
+            asyncio.create_task(_logged(self._ready_once_heard()), name="gateway readiness"),
         ]
-        self.ready = True
-        log.info("gateway ready", url=self.settings.public_url, instance=self.instance_id)
+
+    async def _ready_once_heard(self) -> None:
+        """Ready once every routed service has an instance in rotation, or a heartbeat
+        interval has passed since subscribing (a service that is down must not keep the
+        gateway out). Ready at once, a new gateway would answer every request with 503 "no
+        instance" until the services' next heartbeats: on every scale-up and rollout."""
+        if self.broker is not None:
+            services = set(ROUTES.values())
+            for _ in range(math.ceil(self.settings.heartbeat_seconds / _LOOK_EVERY)):
+                if all(map(self.registry.rotation, services)):
+                    break
+                await asyncio.sleep(_LOOK_EVERY)
+        if not self.stopped:
+            self.ready = True
+            log.info("gateway ready", url=self.settings.public_url, instance=self.instance_id)
 
     async def stop(self) -> None:
         """Stop being ready, let in-flight requests finish, close. Safe to call twice."""

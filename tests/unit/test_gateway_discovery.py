@@ -107,3 +107,18 @@ async def test_microshop_run_gateway_serves_until_sigterm(tmp_path: Path) -> Non
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_a_new_gateway_is_ready_once_it_heard_the_services_or_waited_a_beat() -> None:
+    broker = MemoryBroker()
+    settings = Settings(port=free_port(), health_check_seconds=0.2, heartbeat_seconds=1.0)
+    gateway = build(settings, broker=broker)
+    await gateway.start()
+    try:
+        assert not gateway.ready  # it has heard of no instance yet: it would answer 503
+        await asyncio.sleep(0.5)
+        assert not gateway.ready
+        await eventually(lambda: gateway.ready, within=2)  # the inventory alone never comes
+    finally:
+        await gateway.stop()
+    assert not gateway.ready
