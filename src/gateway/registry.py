@@ -125,8 +125,10 @@ class Registry:
     def heard(self, heartbeat: ServiceHeartbeat) -> Instance:
         """Record a heartbeat: add the instance, or renew it and its status."""
         instance = self._upsert(heartbeat.service, heartbeat.url.rstrip("/"), "bus")
-        if instance.instance_id != heartbeat.instance_id:
-            # a new process at this address: its word counts until a check says otherwise
+        if instance.instance_id != heartbeat.instance_id and instance.source == "bus":
+            # a new process at this address: its word counts until a check says otherwise.
+            # Not at a static address: several processes may share it (a Kubernetes
+            # Service), each heartbeat naming another, and the checks alone decide there.
             instance.healthy = True
         instance.instance_id = heartbeat.instance_id
         instance.version = heartbeat.version

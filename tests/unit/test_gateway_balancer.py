@@ -166,6 +166,15 @@ def test_static_instances_never_expire_and_goodbye_only_marks_them_unhealthy() -
     assert not static.available
 
 
+def test_heartbeats_at_a_shared_static_address_leave_its_health_to_the_checks() -> None:
+    registry = Registry()
+    shared = registry.add_static("inventory", "http://inventory:3013")
+    shared.healthy = False  # its readiness check failed: the database is down
+    for pod in ("i-a", "i-b", "i-a"):  # the pods behind the one address take turns
+        registry.heard(heartbeat("http://inventory:3013", pod))
+    assert not shared.healthy
+
+
 def test_new_instances_are_announced_once() -> None:
     seen: list[Instance] = []
     registry = Registry(on_new=seen.append)
