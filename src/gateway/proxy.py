@@ -73,6 +73,9 @@ class Proxy:
         A request whose connection could not be opened is sent to another instance, whatever
         its method: it never left. One that failed after it was sent is sent again only if
         it is GET, HEAD or OPTIONS, or has an ``Idempotency-Key`` on a ``keyed`` route.
+        (Below that, aiohttp sends a PUT or DELETE once more on a fresh connection when a
+        kept-alive one turns out closed, as RFC 9112 allows idempotent methods: the
+        services' PUT and DELETE answer a repeat with 404 or 409, never a second effect.)
         """
         self.balancer = balancer
         self.keyed = keyed
