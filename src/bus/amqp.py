@@ -378,7 +378,9 @@ class _AmqpConsumer:
             # failure and spend the queue's delivery limit in seconds. The inbox makes a
             # second run of work that was done a no-op.
             log.warning("could not settle message; handing it back", error=repr(error))
-            returned = counted(message.headers or {}, "x-delivery-count")
+            # (RabbitMQ 3.13 counts a nack as a delivery; from 4.3 it does not, and the
+            # pause would stay at its first step)
+            returned = min(counted(message.headers or {}, "x-delivery-count"), 5)
             await asyncio.sleep(min(self.HAND_BACK_AFTER * 2**returned, 30.0))
             await self._acks.handed_back(message)
             return

@@ -206,8 +206,10 @@ def _passing_database_trouble(exc: Exception) -> str | None:
         return "the database is busy"
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:  # the pool reconnects
         return "the database connection was lost"
-    if out_of_reach(exc):  # refused, restarting, too many connections
+    if isinstance(exc, DBAPIError) and out_of_reach(exc):  # restarting, too many connections
         return "the database cannot be reached"
+    if out_of_reach(exc):  # a refused connection, a timeout: the database or another
+        return "a service this one needs cannot be reached"
     return None
 
 

@@ -18,7 +18,7 @@ log = structlog.get_logger(__name__)
 
 
 class HealthChecks:
-    """Probes instances over the gateway's one client session."""
+    """Probes instances over connections of their own (not queued behind requests)."""
 
     def __init__(self, registry: Registry, *, interval: float, timeout: float) -> None:
         """Check every ``interval`` seconds; a probe slower than ``timeout`` fails."""

@@ -75,7 +75,7 @@ class Proxy:
         it is GET, HEAD or OPTIONS, or has an ``Idempotency-Key`` on a ``keyed`` route.
         (Below that, aiohttp sends a PUT or DELETE once more on a fresh connection when a
         kept-alive one turns out closed, as RFC 9112 allows idempotent methods: the
-        services' PUT and DELETE answer a repeat with 404 or 409, never a second effect.)
+        services' PUT and DELETE have no second effect when repeated.)
         """
         self.balancer = balancer
         self.keyed = keyed

@@ -140,14 +140,14 @@ class Registry:
         return instance
 
     def goodbye(self, stopped: ServiceStopped) -> None:
-        """An instance is leaving: out of rotation now (a static one until its checks pass)."""
+        """An instance is leaving: out of rotation now. Not a static address: other pods may
+        share it (a Kubernetes Service routes around the one leaving), and its checks say
+        within a beat whether anything still answers there."""
         instance = self._by_service.get(stopped.service, {}).get(stopped.url.rstrip("/"))
         if instance is None or instance.instance_id not in ("", stopped.instance_id):
             return  # a newer instance already took over this address
-        if instance.source == "static":
-            instance.healthy = False
-            return
-        self._remove(instance, "said goodbye")
+        if instance.source == "bus":
+            self._remove(instance, "said goodbye")
 
     def expire(self) -> list[Instance]:
         """Forget bus instances whose heartbeats stopped; returns them."""

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from bus.broker import Delivery, Reject
 from bus.envelope import Event
 from bus.inbox import UnitHandler
+from bus.resilience import out_of_reach
 from bus.transactions import Transactions, UnitOfWork
 from inventory_svc import domain, store
 from inventory_svc.domain import CommitDecision, ReservationStatus
@@ -240,7 +241,9 @@ async def expire_reservations(transactions: Transactions, ttl: float, batch: int
                 )
                 unit.publish(released, correlation_id=reservation.correlation_id)
             expired += 1
-        except Exception:
+        except Exception as error:
+            if out_of_reach(error):
+                raise  # the database is down: every other one would wait and fail the same
             log.exception(
                 "expiring a reservation failed; the next round tries it again", order_id=order_id
             )

@@ -214,4 +214,4 @@ class Directory:
             raise
         except Exception as error:
             log.warning("upstream lookup failed", url=url, error=repr(error))
-            raise UpstreamUnavailable(f"{url.split('/')[2]} is unavailable") from error
+            raise UpstreamUnavailable(f"the {service} service is unavailable") from error

@@ -299,7 +299,7 @@ async def reservation_expired(unit: UnitOfWork, order: Order, policy: Policy) ->
     elif sale_unrecorded:  # shipped, or delivered
         log.error("stock reservation expired after shipping; needs a person", order_id=order.id)
         reason = "stock reservation expired before the sale was recorded: stock to be checked"
-        await store.end_step(unit.session, order.id, SagaStep.COMMIT)
+        await step_answered(unit, order, SagaStep.COMMIT)
         await store.update_order(unit.session, order.id, status_reason=reason)
     else:
         await step_answered(unit, order, SagaStep.RELEASE)

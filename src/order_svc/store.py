@@ -94,17 +94,25 @@ users = Table(
 async def date_products(connection: AsyncConnection, schema: str | None) -> None:
     """A products table from before events were ordered by their time gets the column,
     every row as of before any event (the next event about it has the last word)."""
-    if schema is None:  # SQLite
+    if dialect_of(connection) == "sqlite":
         columns = await connection.execute(text("PRAGMA table_info(products)"))
         if "updated_at" not in {row[1] for row in columns}:
             await connection.execute(_DATE_SQLITE_PRODUCTS)
         return
-    await connection.execute(
-        text(
-            f'ALTER TABLE "{schema}".products ADD COLUMN IF NOT EXISTS updated_at'
-            " timestamptz NOT NULL DEFAULT '1970-01-01 00:00:00+00'"
-        )
+    # looked up first: ALTER TABLE locks the table even when it has nothing to add, and
+    # this runs at every start of every instance while the others serve
+    dated = text(
+        "SELECT 1 FROM information_schema.columns WHERE table_schema = :schema"
+        " AND table_name = 'products' AND column_name = 'updated_at'"
     )
+    where = schema or "public"
+    if (await connection.execute(dated, {"schema": where})).first() is None:
+        await connection.execute(
+            text(
+                f'ALTER TABLE "{where}".products ADD COLUMN updated_at'
+                " timestamptz NOT NULL DEFAULT '1970-01-01 00:00:00+00'"
+            )
+        )
 
 
 _DATE_SQLITE_PRODUCTS = text(

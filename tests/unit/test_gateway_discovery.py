@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -15,7 +16,9 @@ import pytest
 from aiohttp import web
 
 from bus.db import Database
+from bus.envelope import Envelope
 from bus.memory import MemoryBroker
+from bus.messages import ServiceHeartbeat
 from bus.service import Service
 from bus.settings import Settings as ServiceSettings
 from bus.web import Api, json_response
@@ -112,13 +115,34 @@ async def test_microshop_run_gateway_serves_until_sigterm(tmp_path: Path) -> Non
 async def test_a_new_gateway_is_ready_once_it_heard_the_services_or_waited_a_beat() -> None:
     broker = MemoryBroker()
     settings = Settings(port=free_port(), health_check_seconds=0.2, heartbeat_seconds=1.0)
-    gateway = build(settings, broker=broker)
-    await gateway.start()
+    waiting, hearing = (
+        build(settings, broker=broker),
+        build(settings.model_copy(update={"port": free_port()}), broker=broker),
+    )
     try:
-        assert not gateway.ready  # it has heard of no instance yet: it would answer 503
+        await waiting.start()
+        assert not waiting.ready  # it has heard of no instance yet: it would answer 503
         await asyncio.sleep(0.5)
-        assert not gateway.ready
-        await eventually(lambda: gateway.ready, within=2)  # the inventory alone never comes
+        assert not waiting.ready
+        await eventually(lambda: waiting.ready, within=2)  # no service came: a beat, then ready
+
+        await hearing.start()
+        for service in ("user", "inventory", "payment", "order"):
+            await broker.publish(Envelope.wrap(beat_of(service), source=f"/{service}"))
+        await eventually(lambda: hearing.ready, within=0.5)  # every service heard: at once
     finally:
-        await gateway.stop()
-    assert not gateway.ready
+        await waiting.stop()
+        await hearing.stop()
+    assert not waiting.ready
+
+
+def beat_of(service: str) -> ServiceHeartbeat:
+    return ServiceHeartbeat(
+        instance_id=f"{service}-1",
+        service=service,
+        url=f"http://127.0.0.1:{free_port()}",
+        version="1",
+        status="ready",
+        started_at=datetime.now(UTC),
+        interval_seconds=5,
+    )

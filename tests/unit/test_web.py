@@ -240,7 +240,7 @@ async def test_unhandled_exception_is_a_500_that_hides_the_text(client: Client, 
     [
         ("/db-gone", "the database connection was lost; try again"),
         ("/db-busy", "the database is busy; try again"),  # the pool, past its timeout
-        ("/db-down", "the database cannot be reached; try again"),  # a restart, say
+        ("/db-down", "a service this one needs cannot be reached; try again"),
     ],
 )
 async def test_database_trouble_worth_retrying_is_a_503_to_try_again(
