@@ -12,6 +12,7 @@ import pytest
 from bus.broker import Delivery
 from bus.envelope import Envelope, Message, MessageRegistry
 from bus.memory import MemoryBroker
+from bus.service import Service
 from inventory_svc import app, handlers
 from inventory_svc.messages import (
     EVENTS,
@@ -23,19 +24,24 @@ from inventory_svc.messages import (
 from tests.support import Tokens, eventually, free_port
 
 
-async def test_reserve_commit_and_expiry_work_on_sqlite_with_the_demo_catalogue(
-    tmp_path: Path,
-) -> None:
-    broker = MemoryBroker()
+def embedded(tmp_path: Path, broker: MemoryBroker, *, reservation_ttl: float) -> Service:
+    """The inventory with the demo catalogue, on SQLite in ``tmp_path`` and ``broker``."""
     settings = app.Settings(
         port=free_port(),
         database_url=f"sqlite+aiosqlite:///{tmp_path}/inventory.db",
         demo_data=True,
-        reservation_ttl=0.5,  # kept is committed well within it
+        reservation_ttl=reservation_ttl,
         heartbeat_seconds=60,
     )
-    tokens = Tokens()
-    service = app.build(settings, verifier=tokens.verifier, broker=broker)
+    return app.build(settings, verifier=Tokens().verifier, broker=broker)
+
+
+async def test_reserve_commit_and_expiry_work_on_sqlite_with_the_demo_catalogue(
+    tmp_path: Path,
+) -> None:
+    broker = MemoryBroker()
+    service = embedded(tmp_path, broker, reservation_ttl=0.5)  # kept is committed within it
+    settings = service.settings
     heard: list[Envelope] = []
 
     async def record(delivery: Delivery) -> None:
@@ -89,14 +95,7 @@ async def test_a_reservation_that_fails_to_expire_keeps_none_behind_it_held(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception, expired_after: int | None
 ) -> None:
     broker = MemoryBroker()
-    settings = app.Settings(
-        port=free_port(),
-        database_url=f"sqlite+aiosqlite:///{tmp_path}/inventory.db",
-        demo_data=True,
-        reservation_ttl=3600,  # the test sweeps by itself
-        heartbeat_seconds=60,
-    )
-    service = app.build(settings, verifier=Tokens().verifier, broker=broker)
+    service = embedded(tmp_path, broker, reservation_ttl=3600)  # the test sweeps by itself
     await broker.connect()
     await service.start()
     try:
