@@ -9,8 +9,11 @@ import inspect
 import json
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Literal
 
 from bus.auth import SigningKey, TokenVerifier
+from bus.messages import ServiceHeartbeat
 from microshop.local import free_port
 
 __all__ = [
@@ -130,3 +133,22 @@ ROUTING_TABLE: list[tuple[str, str, bool]] = [
     ("a.#", "a..", True),
     ("a", "A", False),
 ]
+
+
+def heartbeat(
+    url: str,
+    instance_id: str = "i-1",
+    status: Literal["ready", "draining"] = "ready",
+    *,
+    service: str = "inventory",
+) -> ServiceHeartbeat:
+    """A service instance's heartbeat, as the gateway hears it."""
+    return ServiceHeartbeat(
+        instance_id=instance_id,
+        service=service,
+        url=url,
+        version="1",
+        status=status,
+        started_at=datetime.now(UTC),
+        interval_seconds=5,
+    )

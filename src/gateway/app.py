@@ -8,7 +8,6 @@ same way: ``build`` connects nothing; ``start`` subscribes to the bus, serves an
 from __future__ import annotations
 
 import asyncio
-import math
 import uuid
 from collections.abc import AsyncIterator, Coroutine
 from datetime import UTC, datetime
@@ -50,7 +49,7 @@ WATCHED_EVENTS = sorted(
 )
 
 
-_LOOK_EVERY = 0.05  # seconds between looks at what discovery has heard, at start
+_ROUTED = frozenset(ROUTES.values())  # the services requests are routed to
 
 
 class Gateway:
@@ -100,7 +99,7 @@ class Gateway:
         )
         self.app = self._web_app(settings, verifier)
         self._internal_port = settings.internal_port
-        self.ready = False
+        self._ready_by: float | None = None  # the loop's time readiness waits for, at most
         self.stopped = False
         self._subscriptions: list[Consumer] = []
         self._runner: web.AppRunner | None = None
@@ -185,30 +184,28 @@ class Gateway:
         self._tasks = [
             asyncio.create_task(_logged(self.checks.run()), name="gateway health checks"),
             asyncio.create_task(_logged(self._prune_buckets()), name="gateway rate limits"),
-            asyncio.create_task(_logged(self._ready_once_heard()), name="gateway readiness"),
         ]
+        waited = self.settings.heartbeat_seconds if self.broker is not None else 0.0
+        self._ready_by = asyncio.get_running_loop().time() + waited
+        log.info("gateway serving", url=self.settings.public_url, instance=self.instance_id)
 
-    async def _ready_once_heard(self) -> None:
-        """Ready once every routed service has an instance in rotation, or a heartbeat
-        interval has passed since subscribing (a service that is down must not keep the
-        gateway out). Ready at once, a new gateway would answer every request with 503 "no
-        instance" until the services' next heartbeats: on every scale-up and rollout."""
-        if self.broker is not None:
-            services = set(ROUTES.values())
-            for _ in range(math.ceil(self.settings.heartbeat_seconds / _LOOK_EVERY)):
-                if all(map(self.registry.rotation, services)):
-                    break
-                await asyncio.sleep(_LOOK_EVERY)
-        if not self.stopped:
-            self.ready = True
-            log.info("gateway ready", url=self.settings.public_url, instance=self.instance_id)
+    @property
+    def ready(self) -> bool:
+        """Started, not stopping, and discovery has caught up: every routed service has an
+        instance, or a heartbeat interval has passed since subscribing (a service that is
+        down must not keep the gateway out). Ready at once, a new gateway would answer
+        every request 503 "no instance" until the services' next heartbeats: on every
+        scale-up and rollout."""
+        if self.stopped or self._ready_by is None:
+            return False
+        caught_up = asyncio.get_running_loop().time() >= self._ready_by
+        return caught_up or all(map(self.registry.rotation, _ROUTED))
 
     async def stop(self) -> None:
         """Stop being ready, let in-flight requests finish, close. Safe to call twice."""
         if self.stopped:
             return
         self.stopped = True
-        self.ready = False
         self.dashboard.closing.set()
         for subscription in self._subscriptions:
             await subscription.stop(grace=1.0)

@@ -86,11 +86,9 @@ def client_address(request: web.Request, trust_forwarded_for: bool) -> str:
     """Who is calling: the peer, or, behind a trusted proxy, the X-Forwarded-For hop that
     proxy appended (the last: what comes before it, the client wrote, and could make up
     to slip past its rate limit)."""
-    if trust_forwarded_for:
-        # every line of the header: a proxy may add a line of its own after the client's
-        forwarded = ",".join(request.headers.getall("X-Forwarded-For", []))
-        if forwarded:
-            return forwarded.rpartition(",")[2].strip()
+    # the last line: a proxy may add a line of its own after the client's
+    if trust_forwarded_for and (lines := request.headers.getall("X-Forwarded-For", [])):
+        return lines[-1].rpartition(",")[2].strip()
     return request.remote or "unknown"
 
 

@@ -125,18 +125,18 @@ class Registry:
     def heard(self, heartbeat: ServiceHeartbeat) -> Instance:
         """Record a heartbeat: add the instance, or renew it and its status."""
         instance = self._upsert(heartbeat.service, heartbeat.url.rstrip("/"), "bus")
-        if instance.instance_id != heartbeat.instance_id and instance.source == "bus":
-            # a new process at this address: its word counts until a check says otherwise.
-            # Not at a static address: several processes may share it (a Kubernetes
-            # Service), each heartbeat naming another, and the checks alone decide there.
-            instance.healthy = True
+        # Not at a static address: several processes may share it (a Kubernetes Service),
+        # each heartbeat naming another, and its checks alone decide its health.
+        if instance.source == "bus":
+            if instance.instance_id != heartbeat.instance_id:
+                # a new process at this address: its word counts until a check says otherwise
+                instance.healthy = True
+            ttl = max(heartbeat.interval_seconds * self._misses, 1.0)
+            instance.expires_at = self._clock() + ttl
         instance.instance_id = heartbeat.instance_id
         instance.version = heartbeat.version
         instance.status = heartbeat.status
         instance.last_seen = datetime.now(UTC)
-        if instance.source == "bus":
-            ttl = max(heartbeat.interval_seconds * self._misses, 1.0)
-            instance.expires_at = self._clock() + ttl
         return instance
 
     def goodbye(self, stopped: ServiceStopped) -> None:
@@ -144,9 +144,11 @@ class Registry:
         share it (a Kubernetes Service routes around the one leaving), and its checks say
         within a beat whether anything still answers there."""
         instance = self._by_service.get(stopped.service, {}).get(stopped.url.rstrip("/"))
-        if instance is None or instance.instance_id not in ("", stopped.instance_id):
-            return  # a newer instance already took over this address
-        if instance.source == "bus":
+        if (
+            instance is not None
+            and instance.source == "bus"
+            and instance.instance_id == stopped.instance_id  # not a newer one at this address
+        ):
             self._remove(instance, "said goodbye")
 
     def expire(self) -> list[Instance]:

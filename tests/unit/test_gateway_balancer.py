@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from typing import Literal
-
-from bus.messages import ServiceHeartbeat, ServiceStopped
+from bus.messages import ServiceStopped
 from bus.resilience import BreakerState
 from gateway.balancer import Balancer
 from gateway.registry import Instance, Registry
+from tests.support import heartbeat
 
 
 class Clock:
@@ -17,20 +15,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def heartbeat(
-    url: str, instance_id: str = "i-1", status: Literal["ready", "draining"] = "ready"
-) -> ServiceHeartbeat:
-    return ServiceHeartbeat(
-        instance_id=instance_id,
-        service="inventory",
-        url=url,
-        version="1",
-        status=status,
-        started_at=datetime.now(UTC),
-        interval_seconds=5,
-    )
 
 
 def registry_of(*urls: str, clock: Clock | None = None) -> Registry:

@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -18,13 +17,12 @@ from aiohttp import web
 from bus.db import Database
 from bus.envelope import Envelope
 from bus.memory import MemoryBroker
-from bus.messages import ServiceHeartbeat
 from bus.service import Service
 from bus.settings import Settings as ServiceSettings
 from bus.web import Api, json_response
 from gateway.app import Gateway, Settings, build
 from tests.integration.tables import metadata
-from tests.support import eventually, free_port
+from tests.support import eventually, free_port, heartbeat
 
 api = Api()
 
@@ -115,34 +113,25 @@ async def test_microshop_run_gateway_serves_until_sigterm(tmp_path: Path) -> Non
 async def test_a_new_gateway_is_ready_once_it_heard_the_services_or_waited_a_beat() -> None:
     broker = MemoryBroker()
     settings = Settings(port=free_port(), health_check_seconds=0.2, heartbeat_seconds=1.0)
-    waiting, hearing = (
-        build(settings, broker=broker),
-        build(settings.model_copy(update={"port": free_port()}), broker=broker),
+    waiting, hearing, stopped = (
+        build(settings.model_copy(update={"port": free_port()}), broker=broker) for _ in range(3)
     )
     try:
         await waiting.start()
+        await stopped.start()
         assert not waiting.ready  # it has heard of no instance yet: it would answer 503
         await asyncio.sleep(0.5)
         assert not waiting.ready
+        await stopped.stop()  # before its beat has passed
         await eventually(lambda: waiting.ready, within=2)  # no service came: a beat, then ready
+        assert not stopped.ready  # the beat passed for it too: stopping comes first
 
         await hearing.start()
         for service in ("user", "inventory", "payment", "order"):
-            await broker.publish(Envelope.wrap(beat_of(service), source=f"/{service}"))
+            url = f"http://127.0.0.1:{free_port()}"
+            beat = heartbeat(url, f"{service}-1", service=service)
+            await broker.publish(Envelope.wrap(beat, source=f"/{service}"))
         await eventually(lambda: hearing.ready, within=0.5)  # every service heard: at once
     finally:
         await waiting.stop()
         await hearing.stop()
-    assert not waiting.ready
-
-
-def beat_of(service: str) -> ServiceHeartbeat:
-    return ServiceHeartbeat(
-        instance_id=f"{service}-1",
-        service=service,
-        url=f"http://127.0.0.1:{free_port()}",
-        version="1",
-        status="ready",
-        started_at=datetime.now(UTC),
-        interval_seconds=5,
-    )
