@@ -100,13 +100,15 @@ class Envelope(BaseModel):
         correlation_id: str | None = None,
         traceparent: str | None = None,
         tracestate: str | None = None,
+        message_id: str | None = None,
     ) -> Envelope:
-        """Wrap ``message`` for publishing.
+        """Wrap ``message`` for publishing, under a new id or ``message_id`` (a message
+        sent again: consumers take one id once).
 
         The correlation id is, in order: the one given, the causing message's, or this
         message's own id (it starts a new flow).
         """
-        message_id = _new_id()
+        message_id = message_id or _new_id()
         correlation = correlation_id or (causation.correlationid if causation else None)
         # every field is built here from a validated message: skip validating it again
         return cls.model_construct(

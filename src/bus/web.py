@@ -200,17 +200,18 @@ async def _measure(request: web.Request, handler: Handler) -> web.StreamResponse
         HTTP_SECONDS.labels(service, method, route).observe(time.perf_counter() - started)
 
 
-def _passing_database_trouble(exc: Exception) -> str | None:
-    """What went wrong when ``exc`` says the database will be back in a moment, else None."""
+def _passing_trouble(exc: Exception) -> str | None:
+    """What went wrong when ``exc`` says an outage that passes (:func:`out_of_reach`), said
+    for the client; None for anything else."""
+    if not out_of_reach(exc):
+        return None
     if isinstance(exc, PoolTimeout):  # every pooled connection stayed busy past the timeout
         return "the database is busy"
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:  # the pool reconnects
-        return "the database connection was lost"
-    if isinstance(exc, DBAPIError) and out_of_reach(exc):  # restarting, too many connections
-        return "the database cannot be reached"
-    if out_of_reach(exc):  # a refused connection, a timeout: the database or another
-        return "a service this one needs cannot be reached"
-    return None
+    if isinstance(exc, DBAPIError):
+        if exc.connection_invalidated:  # the pool reconnects
+            return "the database connection was lost"
+        return "the database cannot be reached"  # restarting, too many connections
+    return "a service this one needs cannot be reached"  # a refused connection, a timeout
 
 
 @web.middleware
@@ -229,7 +230,7 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
             exc.status, exc.reason, detail, instance=request.path, headers=exc.headers
         )
     except Exception as exc:
-        if (passing := _passing_database_trouble(exc)) is not None:
+        if (passing := _passing_trouble(exc)) is not None:
             log.warning(passing, route=_route_template(request))
             return problem_response(
                 503,

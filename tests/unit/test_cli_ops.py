@@ -180,7 +180,7 @@ def test_a_message_sent_again_keeps_its_id_so_the_services_take_it_once() -> Non
     again = envelope_for("user.created", data, message_id="0123456789abcdef")
 
     assert again.id == "0123456789abcdef"
-    assert again.correlationid != again.id  # its flow is its own, as the first one's was
+    assert again.correlationid == again.id  # its flow is its own, as the first one's was
 
 
 def test_a_tailed_line_names_time_type_order_user_and_flow() -> None:

@@ -68,20 +68,23 @@ def envelope_for(
     try:
         message = model.model_validate(data)
     except ValidationError as error:
-        problems = error.errors(include_url=False)
-        where = ".".join(str(part) for part in problems[0]["loc"])
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise BadInput(
-            f"invalid {message_type} data: {where}: {problems[0]['msg']}{more}"
-        ) from None
-    envelope = Envelope.wrap(message, source=source, correlation_id=correlation_id)
-    if message_id is not None:
-        envelope = envelope.model_copy(update={"id": message_id})
-    try:
-        registry.parse(envelope.to_json())
-    except InvalidMessage as error:
-        raise BadInput(f"the services would refuse this message: {error}") from None
+        raise BadInput(f"invalid {message_type} data: {_first_problem(error)}") from None
+    envelope = Envelope.wrap(
+        message, source=source, correlation_id=correlation_id, message_id=message_id
+    )
+    try:  # wrap checks nothing of what it is given: the envelope's own rules, as consumers read it
+        Envelope.model_validate(envelope.model_dump())
+    except ValidationError as error:
+        raise BadInput(f"the services would refuse this message: {_first_problem(error)}") from None
     return envelope
+
+
+def _first_problem(error: ValidationError) -> str:
+    """Where and what the first problem is, and how many more there are."""
+    problems = error.errors(include_url=False)
+    where = ".".join(str(part) for part in problems[0]["loc"])
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"{where}: {problems[0]['msg']}{more}"
 
 
 def _unknown_type(message_type: str, registry: MessageRegistry) -> str:
