@@ -27,9 +27,8 @@ import aiohttp
 from bus.observability import configure_logging
 from bus.service import Runnable
 from bus.settings import DEFAULT_PORTS
-from microshop.local import remove_from_broker
+from microshop.local import SERVICES, exchange_of, queue_of, remove_from_broker
 
-SERVICES = ("user", "inventory", "payment", "order")
 BOB = "bob@example.com"
 TERMINAL = {"confirmed", "cancelled", "refunded"}
 
@@ -66,17 +65,14 @@ SCENARIOS = (
 )
 
 
-def build_services(workdir: Path, system: str = "demo") -> list[Runnable]:
+def build_services(workdir: Path, broker_url: str, system: str | None) -> list[Runnable]:
     """The gateway, then each service with demo data, SQLite in ``workdir``, one broker.
 
-    On RabbitMQ the system is ``system``'s own: exchange ``SYSTEM.events``, queues
-    ``SYSTEM-SERVICE``. The gateway starts first so that it hears every service's first
-    heartbeat.
+    With ``system`` (on RabbitMQ), the system is its own: exchange ``SYSTEM.events``,
+    queues ``SYSTEM-SERVICE``. The gateway starts first so that it hears every service's
+    first heartbeat.
     """
-    broker_url = broker()
-    own: dict[str, Any] = (
-        {} if broker_url.startswith("memory:") else {"exchange": f"{system}.events"}
-    )
+    own: dict[str, Any] = {} if system is None else {"exchange": exchange_of(system)}
     user_url = f"http://127.0.0.1:{DEFAULT_PORTS['user']}"
     import gateway.app
 
@@ -102,26 +98,22 @@ def build_services(workdir: Path, system: str = "demo") -> list[Runnable]:
         }
         if "demo_data" in fields:
             values["demo_data"] = True
-        if own:
-            values |= own | {"queue": f"{system}-{name}"}
+        if system is not None:
+            values |= own | {"queue": queue_of(system, name)}
         services.append(module.build(module.Settings(**values)))
     return services
-
-
-def broker() -> str:
-    """The broker the demo runs on: ``MICROSHOP_BROKER_URL``, else the in-process one."""
-    return os.environ.get("MICROSHOP_BROKER_URL") or "memory://demo"
 
 
 async def run_demo(once: bool) -> int:
     """Start everything; then play the scenarios (``once``) or serve until Ctrl-C."""
     configure_logging("demo", level=os.environ.get("MICROSHOP_LOG_LEVEL", "WARNING"), json=False)
-    name = f"demo-{uuid.uuid4().hex[:6]}"
-    on_rabbitmq = not broker().startswith("memory:")
-    if on_rabbitmq:
-        print(f"on RabbitMQ as {name}: exchange {name}.events, queues {name}-*", flush=True)
+    broker_url = os.environ.get("MICROSHOP_BROKER_URL") or "memory://demo"
+    # on RabbitMQ, a system of its own: never a consumer of a real one's commands
+    name = None if broker_url.startswith("memory:") else f"demo-{uuid.uuid4().hex[:6]}"
+    if name is not None:
+        print(f"on RabbitMQ as {name}: exchange {exchange_of(name)}, queues {name}-*", flush=True)
     with tempfile.TemporaryDirectory(prefix="microshop-demo-") as workdir:
-        services = build_services(Path(workdir), name)
+        services = build_services(Path(workdir), broker_url, name)
         started: list[Runnable] = []
         try:
             for service in services:
@@ -137,10 +129,10 @@ async def run_demo(once: bool) -> int:
         finally:
             for service in reversed(started):
                 await service.stop()
-            if on_rabbitmq:
+            if name is not None:
                 delays = services[-1].settings.retry_delays_ms
                 try:
-                    await remove_from_broker(broker(), name, delays)
+                    await remove_from_broker(broker_url, name, delays)
                 except Exception as error:  # must not hide why the demo stopped
                     print(f"could not remove {name} from RabbitMQ: {error}", file=sys.stderr)
 

@@ -28,6 +28,16 @@ SERVICES = ("user", "inventory", "payment", "order")
 RETRY_DELAYS_MS = (100, 500)
 
 
+def exchange_of(system: str) -> str:
+    """The exchange of a system of its own on a shared broker."""
+    return f"{system}.events"
+
+
+def queue_of(system: str, service: str) -> str:
+    """``service``'s queue in a system of its own on a shared broker."""
+    return f"{system}-{service}"
+
+
 _handed_out: set[int] = set()
 
 
@@ -76,8 +86,8 @@ class LocalSystem:
         return {
             **os.environ,
             "MICROSHOP_BROKER_URL": self.rabbit_url,
-            "MICROSHOP_EXCHANGE": f"{self.name}.events",
-            "MICROSHOP_QUEUE": f"{self.name}-{service}",
+            "MICROSHOP_EXCHANGE": exchange_of(self.name),
+            "MICROSHOP_QUEUE": queue_of(self.name, service),
             "MICROSHOP_DATABASE_URL": self.database_url,
             "MICROSHOP_DB_SCHEMA": f"{self.name}_{service}",
             "MICROSHOP_PORT": str(self.ports[service]),
@@ -163,12 +173,12 @@ async def remove_from_broker(rabbit_url: str, name: str, retry_delays_ms: Sequen
     async with connection:
         channel = await connection.channel()
         for service in SERVICES:
-            queue = f"{name}-{service}"
+            queue = queue_of(name, service)
             for doomed in (
                 queue,
                 dead_letter_queue(queue),
                 *(retry_queue(queue, delay) for delay in retry_delays_ms),
             ):
                 await channel.queue_delete(doomed)
-        for exchange in (f"{name}.events", f"{name}.events.dlx"):
+        for exchange in (exchange_of(name), f"{exchange_of(name)}.dlx"):
             await channel.exchange_delete(exchange)
