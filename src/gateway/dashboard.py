@@ -30,6 +30,7 @@ STEPS = {
     "order.confirmed": "confirmed",
     "order.cancelled": "cancelled",
     "stock.released": "stock released",
+    "stock.expired": "stock reservation expired",
     "payment.refunded": "refunded",
     "payment.refund_failed": "refund failed",
 }

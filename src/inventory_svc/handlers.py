@@ -26,6 +26,7 @@ from inventory_svc.messages import (
     ShortItem,
     StockCommit,
     StockCommitted,
+    StockExpired,
     StockRejected,
     StockRelease,
     StockReleased,
@@ -160,7 +161,7 @@ async def commit_stock(delivery: Delivery, unit: UnitOfWork) -> None:
         raise Reject(f"cannot commit order {order_id}: its reservation is {reservation.status}")
     if decision is CommitDecision.TOO_LATE:
         log.warning("commit of an expired reservation; told again", order_id=order_id)
-        unit.publish(await _release(session, reservation, ReservationStatus.EXPIRED, None, now))
+        unit.publish(_expired(reservation))
         return
     if decision is CommitDecision.COMMIT:
         for line in reservation.lines:
@@ -205,17 +206,19 @@ async def _release(
     if was is ReservationStatus.REJECTED:
         return StockReleased(order_id=order_id, items=[], reason=reason)
     if not domain.holds_units(was):  # released or expired before: the same answer again
-        expired = was is ReservationStatus.EXPIRED
-        return StockReleased(
-            order_id=order_id, items=items, reason=reservation.reason, expired=expired
-        )
+        return StockReleased(order_id=order_id, items=items, reason=reservation.reason)
     for item in items:
         delta = domain.release_delta(was, item.quantity)
         await store.move_stock(session, item.product_id, delta, now)
     await store.update_reservation(session, order_id, status, now, reason=reason)
     log.info("stock released", order_id=order_id, was=was, reason=reason)
-    expired = status is ReservationStatus.EXPIRED
-    return StockReleased(order_id=order_id, items=items, reason=reason, expired=expired)
+    return StockReleased(order_id=order_id, items=items, reason=reason)
+
+
+def _expired(reservation: store.Reservation) -> StockExpired:
+    """The news that ``reservation`` ran out, for the order that counted on it."""
+    items = [LineItem(product_id=x.product_id, quantity=x.quantity) for x in reservation.lines]
+    return StockExpired(order_id=reservation.order_id, items=items)
 
 
 async def expire_reservations(transactions: Transactions, ttl: float, batch: int = 100) -> int:
@@ -236,10 +239,10 @@ async def expire_reservations(transactions: Transactions, ttl: float, batch: int
                 reservation = await store.lock_if_due(unit.session, order_id, cutoff)
                 if reservation is None:  # committed or released meanwhile, or swept already
                     continue
-                released = await _release(
+                await _release(
                     unit.session, reservation, ReservationStatus.EXPIRED, domain.EXPIRY_REASON, now
                 )
-                unit.publish(released, correlation_id=reservation.correlation_id)
+                unit.publish(_expired(reservation), correlation_id=reservation.correlation_id)
             expired += 1
         except Exception as error:
             if out_of_reach(error):

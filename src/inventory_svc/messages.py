@@ -106,18 +106,23 @@ class StockCommitted(Event):
 
 
 class StockReleased(Event):
-    """The order's units were given back (``items`` is empty when it held none).
-
-    ``expired`` when no one asked: the reservation was held past its time to live, and
-    an order still counting on it cannot be sold as it stands.
-    """
+    """The order's units were given back, as asked (``items`` is empty when it held none)."""
 
     type: ClassVar[str] = "stock.released"
 
     order_id: str
     items: list[LineItem]
     reason: str | None = None
-    expired: bool = False
+
+
+class StockExpired(Event):
+    """The order's units went back on sale unasked: its reservation was held past its time
+    to live. An order still counting on them cannot be sold as it stands."""
+
+    type: ClassVar[str] = "stock.expired"
+
+    order_id: str
+    items: list[LineItem]
 
 
 class ProductCreated(Event):
@@ -159,6 +164,7 @@ EVENTS: tuple[type[Event], ...] = (
     StockRejected,
     StockCommitted,
     StockReleased,
+    StockExpired,
     ProductCreated,
     ProductUpdated,
     StockRestocked,

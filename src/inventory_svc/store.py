@@ -62,7 +62,7 @@ reservations = Table(
     Column("status", String(16), nullable=False),
     Column("total", Numeric(14, 2)),
     Column("reason", Text),
-    # the order's flow: the expiry sweep's stock.released joins it
+    # the order's flow: the expiry sweep's stock.expired joins it
     Column("correlation_id", String(128)),
     # the reservation expires reservation_ttl after this (a setting, so not stored)
     Column("created_at", DateTime(timezone=True), nullable=False),

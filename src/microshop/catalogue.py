@@ -41,6 +41,7 @@ CONTRACTS: tuple[Contract, ...] = (
             inventory.StockRejected,
             inventory.StockCommitted,
             inventory.StockReleased,
+            inventory.StockExpired,
             inventory.ProductCreated,
             inventory.ProductUpdated,
         )

@@ -15,6 +15,7 @@ from inventory_svc.messages import (
     ProductCreated,
     ProductUpdated,
     StockCommitted,
+    StockExpired,
     StockRejected,
     StockReleased,
     StockReserved,
@@ -69,24 +70,8 @@ def ends(step: SagaStep) -> UnitHandler:
     return handle
 
 
-def stock_released(policy: Policy) -> UnitHandler:
-    """The answer to a release only ends the step (one statement, no lock); news that a
-    reservation expired goes to the saga, with the order locked."""
-    answered = ends(SagaStep.RELEASE)
-    expired = for_order(reservation_expired, policy)
-
-    async def handle(delivery: Delivery, unit: UnitOfWork) -> None:
-        released = delivery.message
-        if isinstance(released, StockReleased) and released.expired:
-            await expired(delivery, unit)
-        else:
-            await answered(delivery, unit)
-
-    return handle
-
-
 async def reservation_expired(
-    unit: UnitOfWork, order: store.Order, event: StockReleased, policy: Policy
+    unit: UnitOfWork, order: store.Order, event: StockExpired, policy: Policy
 ) -> None:
     await saga.reservation_expired(unit, order, policy)
 
@@ -154,6 +139,7 @@ SAGA_REPLIES: dict[type[Message], SagaStepHandler] = {
     PaymentFailed: payment_failed,
     PaymentRefunded: payment_refunded,
     PaymentRefundFailed: refund_failed,
+    StockExpired: reservation_expired,
 }
 USER_EVENTS: tuple[type[Message], ...] = (
     UserCreated,
@@ -163,12 +149,14 @@ USER_EVENTS: tuple[type[Message], ...] = (
     UserDeactivated,
 )
 # replies that only end a step: the saga has nothing more to do for them
-STEP_ENDINGS: dict[type[Message], SagaStep] = {StockCommitted: SagaStep.COMMIT}
+STEP_ENDINGS: dict[type[Message], SagaStep] = {
+    StockCommitted: SagaStep.COMMIT,
+    StockReleased: SagaStep.RELEASE,
+}
 PRODUCT_EVENTS: tuple[type[Message], ...] = (ProductCreated, ProductUpdated)
 CONSUMED: tuple[type[Message], ...] = (
     *SAGA_REPLIES,
     *STEP_ENDINGS,
-    StockReleased,
     *USER_EVENTS,
     *PRODUCT_EVENTS,
 )
@@ -180,7 +168,6 @@ def handlers(policy: Policy) -> dict[str, UnitHandler]:
         model.type: for_order(step, policy) for model, step in SAGA_REPLIES.items()
     }
     registry.update({model.type: ends(step) for model, step in STEP_ENDINGS.items()})
-    registry[StockReleased.type] = stock_released(policy)
     registry.update({model.type: user_changed for model in USER_EVENTS})
     registry.update({model.type: product_changed for model in PRODUCT_EVENTS})
     return registry

@@ -37,7 +37,7 @@ def test_every_message_type_has_a_section_and_a_link() -> None:
     assert ids == sorted(contract.model.type for contract in CONTRACTS)
     for message_type in ids:
         assert f'<a href="#{message_type}">' in PAGE
-    assert "27 message types" in PAGE
+    assert "28 message types" in PAGE
     assert "version 9.9.9" in PAGE
 
 
