@@ -23,6 +23,7 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
+    inspect,
     select,
     text,
     update,
@@ -94,30 +95,20 @@ users = Table(
 async def date_products(connection: AsyncConnection, schema: str | None) -> None:
     """A products table from before events were ordered by their time gets the column,
     every row as of before any event (the next event about it has the last word)."""
-    if dialect_of(connection) == "sqlite":
-        columns = await connection.execute(text("PRAGMA table_info(products)"))
-        if "updated_at" not in {row[1] for row in columns}:
-            await connection.execute(_DATE_SQLITE_PRODUCTS)
-        return
     # looked up first: ALTER TABLE locks the table even when it has nothing to add, and
     # this runs at every start of every instance while the others serve
-    dated = text(
-        "SELECT 1 FROM information_schema.columns WHERE table_schema = :schema"
-        " AND table_name = 'products' AND column_name = 'updated_at'"
+    columns = await connection.run_sync(
+        lambda sync: inspect(sync).get_columns("products", schema=schema)
     )
-    where = schema or "public"
-    if (await connection.execute(dated, {"schema": where})).first() is None:
-        await connection.execute(
-            text(
-                f'ALTER TABLE "{where}".products ADD COLUMN updated_at'
-                " timestamptz NOT NULL DEFAULT '1970-01-01 00:00:00+00'"
-            )
-        )
-
-
-_DATE_SQLITE_PRODUCTS = text(
-    "ALTER TABLE products ADD COLUMN updated_at DATETIME NOT NULL DEFAULT '1970-01-01 00:00:00'"
-)
+    if any(column["name"] == "updated_at" for column in columns):
+        return
+    if dialect_of(connection) == "sqlite":
+        column = "updated_at DATETIME NOT NULL DEFAULT '1970-01-01 00:00:00'"
+        await connection.execute(text(f"ALTER TABLE products ADD COLUMN {column}"))
+    else:
+        column = "updated_at timestamptz NOT NULL DEFAULT '1970-01-01 00:00:00+00'"
+        table = f'"{schema}".products' if schema else "products"
+        await connection.execute(text(f"ALTER TABLE {table} ADD COLUMN {column}"))
 
 
 products = Table(

@@ -151,11 +151,17 @@ async def test_a_products_table_from_before_gets_its_time_column(db: Database) -
     again = Database(db.url, schema=db.schema, metadata=[store.metadata], upgrades=upgrades)
     try:
         await again.create_all()
-        await again.create_all()  # twice: the second changes nothing
+        await again.create_all()  # twice: the second finds the column and leaves it
+        async with again.session() as session:
+            kept = await replicas.known_products(session, {"mouse"})
+            stamped = await session.scalar(select(store.products.c.updated_at))
         newer = replicas.KnownProduct("mouse", "Mouse", Decimal("39.99"))
         async with again.session() as session, session.begin():
             await replicas.save_product(session, newer, store.now())  # newer than any before
             known = await replicas.known_products(session, {"mouse"})
     finally:
         await again.close()
+    assert kept["mouse"].price == Decimal("29.99")  # the row from before, kept
+    assert stamped is not None
+    assert stamped.year == 1970  # as of before any event
     assert known["mouse"].price == Decimal("39.99")
