@@ -9,7 +9,6 @@ units of work, alone or several in one transaction (group commit).
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import functools
@@ -189,11 +188,10 @@ class Transactions:
         try:
             async with self.db.session() as session, session.begin():
                 while group.waiting:
-                    wave = list(group.waiting)  # what waits now; more may join meanwhile
-                    group.waiting.clear()
+                    wave, group.waiting = group.waiting, []  # more may join meanwhile
                     try:
                         seen = await _claimed_before(session, wave)
-                    except Exception:  # a refused key, a deadlock, a lost connection
+                    except Exception:  # a deadlock, a lost connection, a key refused
                         log.info("claiming a group's keys failed", exc_info=True)
                         group.closed = True
                         raise _RollBack from None  # each unit claims again, alone
@@ -289,7 +287,7 @@ class _Group:
     """Units of work sharing one transaction, run one after another by the group's task."""
 
     everyone: list[_Member] = field(default_factory=list)
-    waiting: collections.deque[_Member] = field(default_factory=collections.deque)
+    waiting: list[_Member] = field(default_factory=list)
     closed: bool = False  # takes no more units
 
     def add(self, member: _Member) -> None:

@@ -122,7 +122,7 @@ async def lock_users(session: AsyncConnection, user_ids: Collection[str]) -> dic
     than deadlock."""
     query = (
         select(*_USER_COLUMNS)
-        .where(users.c.id.in_(sorted(set(user_ids))))
+        .where(users.c.id.in_(set(user_ids)))
         .order_by(users.c.id)
         .with_for_update()
     )

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 import user_svc.app
 from bus.amqp import AmqpBroker
@@ -19,10 +19,12 @@ from tests.integration.test_user_support import (
     EventLog,
     UserHttp,
 )
+from tests.support import eventually
 from user_svc import store
 from user_svc.domain import DEMO_PASSWORD
 
 pytestmark = pytest.mark.integration
+WAITING_FOR_LOCKS = text("SELECT count(*) FROM pg_locks WHERE NOT granted")
 DEMO = {"demo_data": True}
 
 
@@ -285,7 +287,13 @@ async def test_two_admins_demoting_each_other_at_once_leave_one_admin(
             bob_demotes_alice = asyncio.create_task(
                 users.call("PUT", f"/users/{alice_id}", token=bob, json={"role": "user"})
             )
-            await asyncio.sleep(0.5)  # each has read what it could before the lock is let go
+
+            async def both_wait() -> bool:  # each has read what it could, and waits on a row
+                async with service.db.session() as session:
+                    waiting = await session.scalar(WAITING_FOR_LOCKS)
+                return (waiting or 0) >= 2
+
+            await eventually(both_wait)
         answers = await asyncio.gather(alice_demotes_bob, bob_demotes_alice)
         roles = [
             (await users.call("GET", f"/users/{user_id}", token=token)).body.get("role")

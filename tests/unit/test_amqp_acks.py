@@ -173,8 +173,9 @@ async def test_an_attempt_header_another_client_wrote_badly_counts_as_none() -> 
     body = Envelope.wrap(ThingMade(name="x"), source="/tests").to_json()
     message = Message(channel, 1, body, headers={ATTEMPT_HEADER: "second"})
 
-    await consumer(RetryQueueDown(), record)._on_message(message)  # type: ignore[arg-type]
-    await asyncio.sleep(0.01)  # the ack goes out in the next turn of the loop
+    made = consumer(RetryQueueDown(), record)
+    await made._on_message(message)  # type: ignore[arg-type]
+    await made._acks.sent()  # the ack goes out in the next turn of the loop
 
     assert handled == [1]
     assert (channel.acks, channel.nacks) == ([(1, True)], [])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,7 @@ from bus.broker import Delivery
 from bus.envelope import Envelope, Message, MessageRegistry
 from bus.memory import MemoryBroker
 from bus.service import Service
-from inventory_svc import app, handlers
+from inventory_svc import app, handlers, store
 from inventory_svc.messages import (
     EVENTS,
     LineItem,
@@ -103,8 +102,13 @@ async def test_a_reservation_that_fails_to_expire_keeps_none_behind_it_held(
         for order_id in ("stuck", "next"):
             reserve = StockReserve(order_id=order_id, items=one_mouse)
             await broker.publish(Envelope.wrap(reserve, source="/tests"))
-        await eventually(lambda: broker.queue_depth(service.name) == 0)
-        await asyncio.sleep(0.2)  # handled and committed
+
+        async def both_held() -> bool:
+            async with service.db.session() as session:
+                held = [await store.get_reservation(session, o) for o in ("stuck", "next")]
+            return None not in held
+
+        await eventually(both_held)
         release = handlers._release
 
         async def failing_for_stuck(session: Any, reservation: Any, *args: Any) -> Any:
