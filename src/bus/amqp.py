@@ -48,6 +48,7 @@ from bus.broker import (
 )
 from bus.envelope import CONTENT_TYPE, Envelope, MessageRegistry
 from bus.observability import MESSAGES_PUBLISHED, child
+from bus.resilience import finish_or_cancel
 
 log = structlog.get_logger("bus.amqp")
 
@@ -392,12 +393,8 @@ class _AmqpConsumer:
             with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
                 await self._queue.cancel(self._tag)
         self._tag = None
-        if self._inflight:
-            _, late = await asyncio.wait(set(self._inflight), timeout=grace)
-            # past the grace period: roll back; the unacked message returns to the queue
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
+        # past the grace period: roll back; the unacked message returns to the queue
+        await finish_or_cancel(self._inflight, grace)
         await self._acks.sent()
         with contextlib.suppress(aiormq.exceptions.AMQPError, RuntimeError):
             await self._channel.close()

@@ -27,6 +27,7 @@ from bus.broker import (
 )
 from bus.envelope import Envelope, MessageRegistry
 from bus.observability import MESSAGES_PUBLISHED, child
+from bus.resilience import finish_or_cancel
 
 
 @dataclass(slots=True)
@@ -220,11 +221,7 @@ class _MemoryConsumer:
             self._pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._pump
-        if self._inflight:
-            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await finish_or_cancel(self._inflight, grace)
         if self in self._broker._consumers:
             self._broker._consumers.remove(self)
         if self._transient:

@@ -12,7 +12,7 @@ import contextlib
 import enum
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any, ParamSpec, TypeVar
 
 import sqlalchemy.exc
@@ -35,6 +35,17 @@ BREAKER_TRANSITIONS = Counter(
     "Circuit breaker state transitions, by target state.",
     ["breaker", "to_state"],
 )
+
+
+async def finish_or_cancel(tasks: Collection[asyncio.Task[Any]], grace: float) -> None:
+    """Give ``tasks`` up to ``grace`` seconds to finish, then cancel the rest and wait for
+    them to end (what they raise is theirs: it is not raised here)."""
+    if not tasks:
+        return
+    _, late = await asyncio.wait(set(tasks), timeout=grace)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
 
 
 # SQLSTATEs of a database going away or not there yet: a connection exception (08), an

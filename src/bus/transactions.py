@@ -23,6 +23,7 @@ from bus.db import Database
 from bus.envelope import Envelope, Message
 from bus.observability import UNITS_PER_TRANSACTION, child, current_traceparent
 from bus.outbox import Committed, write_outbox
+from bus.resilience import finish_or_cancel
 
 log = structlog.get_logger("bus.transactions")
 
@@ -126,12 +127,7 @@ class Transactions:
     async def settle(self, grace: float = 10.0) -> None:
         """Wait up to ``grace`` s for the groups at work to commit or roll back, then roll
         back the rest: their callers have left, and their messages, never acked, come back."""
-        if not self._running:
-            return
-        _, late = await asyncio.wait(set(self._running), timeout=grace)
-        for task in late:
-            task.cancel()
-        await asyncio.gather(*late, return_exceptions=True)
+        await finish_or_cancel(self._running, grace)
 
     async def together(
         self, work: Work[T], causation: Envelope | None = None, *, once: Once | None = None

@@ -15,6 +15,7 @@ from bus.resilience import (
     BreakerState,
     CircuitBreaker,
     CircuitOpenError,
+    finish_or_cancel,
     out_of_reach,
     refused_as_data,
     retry_call,
@@ -391,3 +392,13 @@ async def test_a_breaker_forgotten_leaves_no_series_behind() -> None:
         for sample in metric.samples
     }
     assert breaker.name not in names
+
+
+async def test_tasks_get_their_grace_and_the_late_ones_are_cancelled() -> None:
+    quick = asyncio.create_task(asyncio.sleep(0.01, result="done"))
+    late = asyncio.create_task(asyncio.sleep(60))
+
+    await finish_or_cancel({quick, late}, grace=0.2)
+
+    assert quick.result() == "done"
+    assert late.cancelled()
