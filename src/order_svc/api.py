@@ -176,8 +176,9 @@ async def list_orders(request: web.Request) -> web.StreamResponse:
     caller = principal(request)
     limit, offset = page_params(request)
     status = _status_filter(request.query.get("status"))
-    user_id = request.query.get("user_id") if await _acts_as_staff(request) else caller.user_id
     async with request.app[TRANSACTIONS].db.session() as session:
+        staff = await _acts_as_staff(request, session)
+        user_id = request.query.get("user_id") if staff else caller.user_id
         views, total = await order_views(
             session, user_id=user_id, status=status, limit=limit, offset=offset
         )
@@ -197,8 +198,9 @@ async def get_order(request: web.Request) -> web.StreamResponse:
     summary="Move a confirmed order along: processing, shipped, delivered (or cancel)",
 )
 async def change_status(request: web.Request, body: StatusChange) -> web.StreamResponse:
-    if not await _acts_as_staff(request):
-        raise Forbidden("your account no longer acts as staff")
+    async with request.app[TRANSACTIONS].db.reading() as session:
+        if not await _acts_as_staff(request, session):
+            raise Forbidden("your account no longer acts as staff")
     order_id = request.match_info["order_id"]
     if body.status is OrderStatus.CANCELLED:
         return await _cancel(request, order_id, body.reason or "cancelled by staff")
@@ -246,23 +248,25 @@ async def _locked(session: AsyncConnection, order_id: str) -> store.Order:
 
 
 async def _visible_order(request: web.Request) -> OrderView:
-    caller = principal(request)
-    view = await _view(request, request.match_info["order_id"])
-    # another user's order is "not found": saying "forbidden" would confirm it exists
-    if view is None or (view.user_id != caller.user_id and not await _acts_as_staff(request)):
-        raise NotFound(f"no order {request.match_info['order_id']}")
+    caller, order_id = principal(request), request.match_info["order_id"]
+    async with request.app[TRANSACTIONS].db.session() as session:
+        view = await order_view(session, order_id)
+        # another user's order is "not found": saying "forbidden" would confirm it exists
+        if view is None or (
+            view.user_id != caller.user_id and not await _acts_as_staff(request, session)
+        ):
+            raise NotFound(f"no order {order_id}")
     return view
 
 
-async def _acts_as_staff(request: web.Request) -> bool:
+async def _acts_as_staff(request: web.Request, session: AsyncConnection) -> bool:
     """Whether the caller may act as staff: its token says so and the users replica, when
-    it knows the caller, still does. A token outlives a demotion or a deactivation by up
-    to its lifetime; the replica hears of either at once."""
+    it knows the caller, still does (read on the caller's connection). A token outlives a
+    demotion or a deactivation by up to its lifetime; the replica hears of either at once."""
     caller = principal(request)
     if not caller.is_staff:
         return False
-    async with request.app[TRANSACTIONS].db.reading() as session:
-        known = await replicas.known_user(session, caller.user_id)
+    known = await replicas.known_user(session, caller.user_id)
     return known is None or (known.status == "active" and known.role in STAFF)
 
 
